@@ -1,0 +1,241 @@
+"""`odmt prepare`: a source -> DIR holding the fitted workflows, the leave-one-out parquet splits,
+the item catalog, frozen item features and manifest.json (written last: its presence means DIR is whole).
+
+DIR layout (the contract `odmt train` reads):
+    manifest.json            format, source, config, counts, modalities, versions, file hashes
+    items.parquet            item_idx (categorified), item_id (raw), text, image (relative path), train_count
+    train/ valid/ test/      parquet + schema.pbtxt: item_id-list (ends with the target), user_idx, seen-list
+    workflows/{sessions,train,valid,test,inference}/   saved nvt.Workflow objects
+    categories/              the Categorify vocabularies
+    features/                text.npy, text_mask.npy, image.npy, image_mask.npy, manifest.json
+    images/                  the fashion source's product photos (generated sources only)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+FORMAT = "odmt-prepared/1"
+
+
+@dataclass
+class PrepareConfig:
+    source: str = "fashion"
+    out: str = "data/fashion"
+    interactions: str | None = None  # csv / parquet sources
+    items: str | None = None
+    max_length: int = 20  # history length the model sees (the paper uses 12 on its short histories)
+    min_interactions: int = 3
+    seed: int = 0  # fashion generator
+    n_items: int | None = None  # fashion generator; None = its default
+    fashion_mnist_dir: str | None = None
+    features: bool = True
+    max_text_tokens: int = 30
+    image_size: int = 128
+    partitions: int = 1  # >1 splits the interactions into Dask partitions (shuffled by user first)
+    dask_workers: int = 0  # >0 starts a local dask.distributed cluster with this many workers
+    extra: dict = field(default_factory=dict)
+
+
+def _step(msg: str) -> float:
+    print(f"[prepare] {msg}", file=sys.stderr, flush=True)
+    return time.perf_counter()
+
+
+def _dask_client(cfg: PrepareConfig):
+    if cfg.dask_workers <= 0:
+        return None
+    from distributed import Client, LocalCluster
+    return Client(LocalCluster(n_workers=cfg.dask_workers, threads_per_worker=1, processes=True,
+                               host="127.0.0.1", dashboard_address=None))
+
+
+def _file_hashes(root: Path) -> dict[str, str]:
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != "manifest.json" and "images" not in p.relative_to(root).parts:
+            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+    return out
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+    names = ["odmt-t4r", "nvtabular", "merlin-core", "transformers4rec", "torch", "pandas", "numpy", "dask"]
+    out = {}
+    for n in names:
+        try:
+            out[n] = version(n)
+        except Exception:
+            out[n] = "not installed"
+    return out
+
+
+def prepare(cfg: PrepareConfig) -> dict:
+    """Runs the whole stage; returns the manifest. Work happens in DIR.partial and replaces DIR only on success."""
+    import nvtabular as nvt
+
+    from odmt_t4r.data import load_source
+    from workflows import sessions as W
+
+    out = Path(cfg.out).resolve()
+    stage = out.with_name(out.name + ".partial")
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    t0 = _step(f"loading source '{cfg.source}'")
+    raw = load_source(cfg.source, interactions=cfg.interactions, items=cfg.items, seed=cfg.seed,
+                      n_items=cfg.n_items, fashion_mnist_dir=cfg.fashion_mnist_dir, workdir=str(stage))
+    inter = raw.interactions.copy()
+    inter[W.ROW_COL] = range(len(inter))  # input-file order: the tiebreak for equal timestamps
+    _step(f"  {len(inter):,} interactions, {inter.user_id.nunique():,} users, {len(raw.items):,} catalog items "
+          f"({time.perf_counter() - t0:.1f}s)")
+
+    client = _dask_client(cfg)
+    try:
+        t = _step("session workflow: Categorify + Groupby (sorted by timestamp, then input row)")
+        vocab = W.item_vocabulary(inter, raw.items)
+        cats = str(stage / "categories")
+        sessions_wf = W.session_workflow(vocab, cats, client=client)
+        ds = nvt.Dataset(inter, npartitions=max(1, cfg.partitions))
+        if cfg.partitions > 1:
+            ds = ds.shuffle_by_keys([W.USER_COL])  # Groupby needs each user's rows in one partition
+        sessions = sessions_wf.fit_transform(ds)
+        sessions_wf.save(str(stage / "workflows" / "sessions"))
+        _step(f"  done ({time.perf_counter() - t:.1f}s)")
+
+        scfg = W.SessionConfig(max_length=cfg.max_length, min_interactions=cfg.min_interactions)
+        split_rows = {}
+        for split in W.SPLITS:
+            t = _step(f"{split} split workflow")
+            wf = W.split_workflow(split, scfg, cats, client=client)
+            wf.fit_transform(sessions).to_parquet(str(stage / split), out_files_per_proc=1)
+            wf.save(str(stage / "workflows" / split))
+            split_rows[split] = len(_read_split(stage / split, [W.USER_IDX]))
+            _step(f"  {split_rows[split]:,} rows ({time.perf_counter() - t:.1f}s)")
+    finally:
+        if client is not None:
+            client.close()
+
+    inf = W.inference_workflow(vocab, scfg, cats)
+    inf.fit(nvt.Dataset(pd.DataFrame({W.ITEM_LIST: [[str(vocab.iloc[0])]]})))
+    inf.save(str(stage / "workflows" / "inference"))
+
+    items = _item_table(raw.items, vocab, stage)
+    train_items = _read_split(stage / "train", [W.ITEM_LIST])[W.ITEM_LIST]
+    counts = pd.Series(pd.Series(list(train_items)).explode().dropna().astype("int64")).value_counts()
+    items["train_count"] = items["item_idx"].map(counts).fillna(0).astype("int64")
+    items.to_parquet(stage / "items.parquet", index=False)
+
+    n_index = int(items["item_idx"].max()) + 1
+    feature_manifest = None
+    modalities = raw.modalities
+    if cfg.features and len(modalities) > 1:
+        from odmt_t4r.features import FeatureConfig, build_item_features
+        t = _step(f"frozen item features for {modalities[1:]}")
+        fcfg = FeatureConfig(modalities=tuple(m for m in modalities if m != "id"),
+                             max_text_tokens=cfg.max_text_tokens, image_size=cfg.image_size)
+        abs_items = items.copy()
+        if "image" in abs_items:
+            abs_items["image"] = abs_items["image"].map(lambda p: None if p is None else str((stage / p)) if not os.path.isabs(p) else p)
+        feature_manifest = build_item_features(abs_items, n_index, stage / "features", fcfg)
+        _step(f"  done ({time.perf_counter() - t:.1f}s)")
+
+    seq_len = _read_split(stage / "test", [W.SEEN_LIST])[W.SEEN_LIST].map(len) + 1
+    manifest = {
+        "format": FORMAT,
+        "source": cfg.source,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": asdict(cfg),
+        "max_length": cfg.max_length,
+        "n_index": n_index,
+        "modalities": modalities if cfg.features else ["id"],
+        "counts": {
+            "users": int(inter.user_id.nunique()),
+            "users_evaluated": split_rows["test"],
+            "users_dropped_too_short": int(inter.user_id.nunique()) - split_rows["test"],
+            "items": len(raw.items),
+            "interactions": len(inter),
+            "mean_sequence_length": round(float(seq_len.mean()), 2),
+            "rows": split_rows,
+        },
+        "notes": raw.notes,
+        "features": feature_manifest,
+        "versions": _versions(),
+    }
+    manifest["files"] = _file_hashes(stage)
+    (stage / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+    if out.exists():
+        shutil.rmtree(out)
+    stage.rename(out)
+    return manifest
+
+
+def read_split(folder: Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """A split folder's parquet parts in order (the folder also holds NVTabular's schema files)."""
+    parts = sorted(Path(folder).glob("*.parquet"))
+    return pd.concat([pd.read_parquet(p, columns=columns) for p in parts], ignore_index=True)
+
+
+_read_split = read_split
+
+
+def _item_table(items: pd.DataFrame, vocab: pd.Series, stage: Path) -> pd.DataFrame:
+    idx = pd.Series(range(3, 3 + len(vocab)), index=vocab.values)
+    table = items.copy()
+    table.insert(0, "item_idx", table["item_id"].map(idx).astype("int64"))
+    if "image" in table:  # store paths relative to DIR when they live inside it, so DIR can move
+        table["image"] = table["image"].map(
+            lambda p: None if p is None else os.path.relpath(p, stage) if str(p).startswith(str(stage)) else p)
+    return table.sort_values("item_idx").reset_index(drop=True)
+
+
+def summary(m: dict) -> str:
+    c = m["counts"]
+    return (f"prepared {m['source']}: {c['users']:,} users, {c['items']:,} items, {c['interactions']:,} interactions; "
+            f"mean sequence length {c['mean_sequence_length']}; modalities {', '.join(m['modalities'])}; "
+            f"rows train {c['rows']['train']:,} / valid {c['rows']['valid']:,} / test {c['rows']['test']:,}"
+            + (f"; {c['users_dropped_too_short']} users with < 3 interactions left out" if c['users_dropped_too_short'] else ""))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = PrepareConfig()
+    p.add_argument("--source", choices=["fashion", "ml-100k", "csv", "parquet"], default=d.source)
+    p.add_argument("--out", required=True, help="output folder DIR (replaced only when preparation succeeds)")
+    p.add_argument("--interactions", help="csv/parquet: user_id (or session_id), item_id, timestamp")
+    p.add_argument("--items", help="csv/parquet: item_id, optional text, optional image (file path)")
+    p.add_argument("--max-length", type=int, default=d.max_length)
+    p.add_argument("--seed", type=int, default=d.seed, help="fashion generator seed")
+    p.add_argument("--n-items", type=int, default=None, help="fashion catalog size")
+    p.add_argument("--fashion-mnist-dir", default=None)
+    p.add_argument("--no-features", action="store_true", help="skip the frozen text/image features (ID only)")
+    p.add_argument("--max-text-tokens", type=int, default=d.max_text_tokens)
+    p.add_argument("--image-size", type=int, default=d.image_size)
+    p.add_argument("--partitions", type=int, default=d.partitions)
+    p.add_argument("--dask-workers", type=int, default=d.dask_workers)
+
+
+def run(args: argparse.Namespace) -> int:
+    from odmt_t4r.data import DataValidationError
+
+    cfg = PrepareConfig(source=args.source, out=args.out, interactions=args.interactions, items=args.items,
+                        max_length=args.max_length, seed=args.seed, n_items=args.n_items,
+                        fashion_mnist_dir=args.fashion_mnist_dir, features=not args.no_features,
+                        max_text_tokens=args.max_text_tokens, image_size=args.image_size,
+                        partitions=args.partitions, dask_workers=args.dask_workers)
+    try:
+        manifest = prepare(cfg)
+    except (DataValidationError, FileNotFoundError, ValueError) as exc:
+        print(f"odmt prepare: error: {exc}", file=sys.stderr)
+        return 2
+    print(summary(manifest))
+    print(f"wrote {Path(cfg.out).resolve()}")
+    return 0
