@@ -101,32 +101,28 @@ def prepare(cfg: PrepareConfig) -> dict:
 
     client = _dask_client(cfg)
     try:
-        t = _step("session workflow: Categorify + Groupby (sorted by timestamp, then input row)")
+        t = _step("NVTabular workflows: Categorify + Groupby (by timestamp, then input row) + leave-one-out splits")
         vocab = W.item_vocabulary(inter, raw.items)
         cats = str(stage / "categories")
-        sessions_wf = W.session_workflow(vocab, cats, client=client)
         ds = nvt.Dataset(inter, npartitions=max(1, cfg.partitions))
         if cfg.partitions > 1:
             ds = ds.shuffle_by_keys([W.USER_COL])  # Groupby needs each user's rows in one partition
-        sessions = sessions_wf.fit_transform(ds)
-        sessions_wf.save(str(stage / "workflows" / "sessions"))
-        _step(f"  done ({time.perf_counter() - t:.1f}s)")
-
         scfg = W.SessionConfig(max_length=cfg.max_length, min_interactions=cfg.min_interactions)
+        workflows, splits = W.run_session_workflows(ds, vocab, scfg, cats, client=client)
         split_rows = {}
         for split in W.SPLITS:
-            t = _step(f"{split} split workflow")
-            wf = W.split_workflow(split, scfg, cats, client=client)
-            wf.fit_transform(sessions).to_parquet(str(stage / split), out_files_per_proc=1)
-            wf.save(str(stage / "workflows" / split))
+            splits[split].to_parquet(str(stage / split), out_files_per_proc=1)
             split_rows[split] = len(_read_split(stage / split, [W.USER_IDX]))
-            _step(f"  {split_rows[split]:,} rows ({time.perf_counter() - t:.1f}s)")
+            _step(f"  {split}: {split_rows[split]:,} rows")
+        for name, wf in workflows.items():
+            wf.save(str(stage / "workflows" / name))
+        _step(f"  done ({time.perf_counter() - t:.1f}s)")
     finally:
         if client is not None:
             client.close()
 
     inf = W.inference_workflow(vocab, scfg, cats)
-    inf.fit(nvt.Dataset(pd.DataFrame({W.ITEM_LIST: [[str(vocab.iloc[0])]]})))
+    inf.fit(nvt.Dataset(pd.DataFrame({W.ITEM_LIST: [[str(vocab.iloc[0])]]})))  # fixed vocabulary: no statistics
     inf.save(str(stage / "workflows" / "inference"))
 
     items = _item_table(raw.items, vocab, stage)

@@ -25,12 +25,12 @@ def _run(df, cfg, tmp_path, vocab, partitions=1):
     ds = nvt.Dataset(df, npartitions=partitions)
     if partitions > 1:
         ds = ds.shuffle_by_keys([W.USER_COL])
-    sess_ds = W.session_workflow(vocab, cats).fit_transform(ds)
-    sess = sess_ds.to_ddf().compute().sort_values(W.USER_COL).reset_index(drop=True)
-    out = {"sessions": sess}
+    workflows, splits = W.run_session_workflows(ds, vocab, cfg, cats)
+    sess = workflows["sessions"].transform(ds).to_ddf().compute()
+    out = {"sessions": sess.sort_values(W.USER_COL).reset_index(drop=True)}
+    users = pd.read_parquet(tmp_path / "cats" / "categories" / "unique.user_id.parquet")[W.USER_COL]
     for split in W.SPLITS:
-        o = W.split_workflow(split, cfg, cats).fit_transform(sess_ds).to_ddf().compute()
-        users = pd.read_parquet(tmp_path / "cats" / "categories" / "unique.user_id.parquet")[W.USER_COL]
+        o = splits[split].to_ddf().compute()
         o[W.USER_COL] = o[W.USER_IDX].map(users)  # decode the user index back to the raw id
         out[split] = o
     return out
@@ -115,12 +115,25 @@ def test_vocabulary_orders_by_popularity_and_keeps_cold_items():
 def test_split_schema_carries_tags_and_domain(tmp_path):
     df = _interactions()
     vocab = W.item_vocabulary(df, pd.DataFrame({"item_id": [f"i{i}" for i in range(30)]}))
-    cats = str(tmp_path / "cats")
-    sess = W.session_workflow(vocab, cats).fit_transform(nvt.Dataset(df))
-    wf = W.split_workflow("train", W.SessionConfig(max_length=4), cats)
-    wf.fit(sess)
+    workflows, _ = W.run_session_workflows(nvt.Dataset(df), vocab, W.SessionConfig(max_length=4), str(tmp_path / "cats"))
+    wf = workflows["train"]
     from merlin.schema import Tags
     col = wf.output_schema.select_by_tag(Tags.ITEM_ID).first
     assert col.name == W.ITEM_LIST
     assert col.int_domain.max == 30 + 2
     assert col.properties["value_count"]["max"] == 5
+
+
+def test_vectorised_groupby_equals_upstream_groupby():
+    from nvtabular import ops as nvt_ops
+    from workflows.ops import Groupby
+    df = _interactions(seed=3)
+    kw = dict(groupby_cols=["user_id"], sort_cols=["timestamp", W.ROW_COL], aggs={"item_id": ["list", "count"]}, name_sep="-")
+    outs = []
+    for op in (Groupby(**kw), nvt_ops.Groupby(**kw)):
+        wf = nvt.Workflow(["user_id", "item_id", "timestamp", W.ROW_COL] >> op)
+        outs.append(wf.fit_transform(nvt.Dataset(df)).to_ddf().compute().reset_index(drop=True))
+    fast, upstream = outs
+    assert fast["user_id"].tolist() == upstream["user_id"].tolist()
+    assert [list(x) for x in fast["item_id-list"]] == [list(x) for x in upstream["item_id-list"]]
+    assert fast["item_id-count"].tolist() == upstream["item_id-count"].tolist()

@@ -1,11 +1,14 @@
 """NVTabular workflows: one function per workflow, each returning an unfitted `nvt.Workflow`."""
 
+from workflows.ops import Groupby, ListSlice, TrainingWindows
 from workflows.sessions import (
-    ITEM_COL, ITEM_LIST, SEEN_LIST, USER_COL, USER_IDX, SessionConfig, TrainingWindows,
-    inference_workflow, item_vocabulary, session_workflow, split_workflow,
+    ITEM_COL, ITEM_LIST, SEEN_LIST, USER_COL, USER_IDX, SessionConfig,
+    fit_fixed_vocabulary, inference_workflow, item_vocabulary, session_workflow, split_workflow,
+    run_session_workflows, user_vocabulary,
 )
 
 __all__ = [
-    "ITEM_COL", "ITEM_LIST", "SEEN_LIST", "USER_COL", "USER_IDX", "SessionConfig", "TrainingWindows",
-    "inference_workflow", "item_vocabulary", "session_workflow", "split_workflow",
+    "Groupby", "ListSlice", "TrainingWindows",
+    "ITEM_COL", "ITEM_LIST", "SEEN_LIST", "USER_COL", "USER_IDX", "SessionConfig",
+    "fit_fixed_vocabulary", "inference_workflow", "item_vocabulary", "user_vocabulary", "run_session_workflows", "session_workflow", "split_workflow",
 ]
