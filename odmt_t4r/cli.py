@@ -29,21 +29,19 @@ def _quiet_imports() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     _quiet_imports()
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="odmt", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    modules = {}
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    module = None
     for name, (module_name, help_text) in COMMANDS.items():
-        try:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:  # import only the chosen stage: torch and Merlin imports take seconds
             module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name and module_name.startswith(exc.name):
-                continue  # a stage not built yet in this checkout
-            raise
-        modules[name] = module
-        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+            module.add_arguments(p)
     args = parser.parse_args(argv)
     try:
-        return int(modules[args.command].run(args) or 0)
+        return int(module.run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

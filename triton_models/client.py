@@ -1,0 +1,177 @@
+"""`odmt recommend`: ask a running Triton server for next-item recommendations, in raw item IDs.
+
+Wire contract of the served model (default name `executor_model`, as merlin-systems exports it):
+
+    inputs   item_id-list__values   BYTES  [N]      raw item IDs (UTF-8) of all sessions, concatenated
+             item_id-list__offsets  INT32  [B+1]    session b is values[offsets[b]:offsets[b+1]]; offsets[0]=0
+    outputs  item_ids               BYTES  [B, K]   raw item IDs, best first; "" marks padding
+             scores                 FP32   [B, K]   their scores, descending
+
+The model config uses `max_batch_size: 0`, so the shapes above are the full tensor shapes. If a
+model declares `max_batch_size > 0`, the client sends the request as one batch entry ([1, N] and
+[1, B+1]) and reads outputs of any shape that holds B*K entries. K is fixed by the model; `k`
+truncates to it (asking for more than K returns K).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+import numpy as np
+
+INPUT = "item_id-list"
+OUTPUTS = ("item_ids", "scores")
+
+
+def encode_sessions(sessions: Sequence[Sequence[str]]) -> tuple[np.ndarray, np.ndarray]:
+    """Ragged sessions -> (values object array of UTF-8 bytes, INT32 offsets of length B+1)."""
+    values = np.array([str(item).encode("utf-8") for s in sessions for item in s], dtype=np.object_)
+    offsets = np.zeros(len(sessions) + 1, dtype=np.int32)
+    offsets[1:] = np.cumsum([len(s) for s in sessions])
+    return values, offsets
+
+
+def decode_topk(ids: np.ndarray, scores: np.ndarray, batch: int, k: int) -> list[list[tuple[str, float]]]:
+    ids, scores = ids.reshape(batch, -1), scores.reshape(batch, -1)  # tolerate a leading batch dim
+    out = []
+    for row_ids, row_scores in zip(ids, scores):
+        pairs = [(i.decode("utf-8") if isinstance(i, bytes) else str(i), float(s)) for i, s in zip(row_ids, row_scores)]
+        out.append([p for p in pairs if p[0]][:k])  # "" is padding
+    return out
+
+
+class RecommenderClient:
+    """Recommendations from a Triton-served session model, over HTTP or gRPC."""
+
+    def __init__(self, url: str, protocol: str = "http", model_name: str = "executor_model", *,
+                 timeout: float = 30.0, input_name: str = INPUT, outputs: tuple[str, str] = OUTPUTS):
+        if protocol not in ("http", "grpc"):
+            raise ValueError(f"protocol must be 'http' or 'grpc', not {protocol!r}")
+        self.url = url.split("://", 1)[-1].rstrip("/")  # tritonclient wants host:port, no scheme
+        self.protocol, self.model_name, self.timeout = protocol, model_name, timeout
+        self.input_name, self.outputs = input_name, outputs
+        self._max_batch_size: int | None = None
+        if protocol == "http":
+            import tritonclient.http as tc
+
+            self._client = tc.InferenceServerClient(self.url, connection_timeout=timeout, network_timeout=timeout)
+        else:
+            import tritonclient.grpc as tc
+
+            self._client = tc.InferenceServerClient(self.url)
+        self._tc = tc
+
+    def _kw(self) -> dict:
+        return {"client_timeout": self.timeout} if self.protocol == "grpc" else {}  # http sets it per client
+
+    def is_ready(self) -> bool:
+        """True when the server is live and the model ready; raises when the server is unreachable."""
+        return bool(self._client.is_server_live(**self._kw())
+                    and self._client.is_model_ready(self.model_name, **self._kw()))
+
+    @property
+    def max_batch_size(self) -> int:
+        if self._max_batch_size is None:
+            extra = {"as_json": True, **self._kw()} if self.protocol == "grpc" else {}
+            config = self._client.get_model_config(self.model_name, **extra)
+            config = config.get("config", config)  # gRPC wraps the config, HTTP does not
+            self._max_batch_size = int(config.get("max_batch_size", 0) or 0)
+        return self._max_batch_size
+
+    def _input(self, name: str, array: np.ndarray, datatype: str):
+        array = array[None] if self.max_batch_size > 0 else array  # the request is one batch entry
+        tensor = self._tc.InferInput(name, list(array.shape), datatype)
+        if self.protocol == "http":
+            tensor.set_data_from_numpy(array, binary_data=True)
+        else:
+            tensor.set_data_from_numpy(array)
+        return tensor
+
+    def _requested(self):
+        if self.protocol == "http":
+            return [self._tc.InferRequestedOutput(name, binary_data=True) for name in self.outputs]
+        return [self._tc.InferRequestedOutput(name) for name in self.outputs]
+
+    def recommend(self, sessions: Sequence[Sequence[str]], k: int = 10) -> list[list[tuple[str, float]]]:
+        """Top-k (item_id, score) per session, best first; sessions and results are raw item IDs."""
+        if k < 1:
+            raise ValueError("k must be >= 1")
+        if isinstance(sessions, str) or any(isinstance(s, str) for s in sessions):
+            raise TypeError("sessions must be a list of lists of item IDs")
+        if not sessions:
+            return []
+        values, offsets = encode_sessions(sessions)
+        inputs = [self._input(f"{self.input_name}__values", values, "BYTES"),
+                  self._input(f"{self.input_name}__offsets", offsets, "INT32")]
+        result = self._client.infer(self.model_name, inputs, outputs=self._requested(), **self._kw())
+        ids, scores = (result.as_numpy(name) for name in self.outputs)
+        return decode_topk(ids, scores, len(sessions), k)
+
+    def close(self) -> None:
+        self._client.close()  # frees the keep-alive connection a server shutdown would wait for
+
+    def __enter__(self) -> "RecommenderClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# -- CLI ---------------------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default="127.0.0.1:8000", help="HOST:PORT of the server (HTTP or gRPC port)")
+    parser.add_argument("--items", required=True, help="the session: comma-separated raw item IDs, oldest first")
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--protocol", choices=("http", "grpc"), default="http")
+    parser.add_argument("--model", default="executor_model")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
+
+
+def format_recommendations(recs: list[tuple[str, float]]) -> str:
+    width = max([len("item_id")] + [len(i) for i, _ in recs])
+    lines = [f"{'rank':>4}  {'item_id':<{width}}  score"]
+    lines += [f"{rank:>4}  {item:<{width}}  {score:.4f}" for rank, (item, score) in enumerate(recs, 1)]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    items = [i.strip() for i in args.items.split(",") if i.strip()]
+    if not items:
+        print("error: --items is empty", file=sys.stderr)
+        return 2
+    try:
+        client = RecommenderClient(args.url, args.protocol, args.model, timeout=args.timeout)
+    except Exception as exc:  # e.g. a malformed URL
+        print(f"error: cannot create a {args.protocol} client for {args.url}: {exc}", file=sys.stderr)
+        return 1
+    with client:
+        try:
+            ready = client.is_ready()
+        except Exception as exc:
+            print(f"error: cannot reach a Triton server at {args.url} over {args.protocol}: {exc}", file=sys.stderr)
+            return 1
+        if not ready:
+            print(f"error: model {args.model!r} is not ready on {args.url}", file=sys.stderr)
+            return 1
+        try:
+            recs = client.recommend([items], k=args.k)[0]
+        except Exception as exc:
+            print(f"error: inference failed: {exc}", file=sys.stderr)
+            return 1
+    print(format_recommendations(recs))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Standalone entry point: skips the `odmt` dispatcher, which imports every stage (torch, merlin).
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name if __spec__ else __name__}",
+                                     description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""`odmt serve`: run a real Triton Inference Server on a model repository (CPU is fine).
+
+`TritonServer` starts `tritonserver` (a system install, else the binary bundled in `nvidia-pytriton`)
+in its own process group on 127.0.0.1, tees its log, waits until the server and every model are
+ready, and on `stop()` leaves no process (python-backend stubs included) and no /dev/shm region behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import collections
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import TextIO
+
+from triton_models._tritonenv import TritonInstall, find_triton, server_env
+
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "triton_python_backend_shm_region_"
+ERROR_LINE = re.compile(r"E\d{4} ")
+GPU_NOISE = re.compile(r"(?i)cuda|gpu|nvml|dcgm")
+
+
+class TritonServerError(RuntimeError):
+    """The server could not start, became unready, or exited; the message ends with its log tail."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _free_ports(host: str, count: int) -> list[int]:
+    ports: list[int] = []
+    while len(ports) < count:  # distinct ports: the kernel may hand the same one out twice
+        port = free_port(host)
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
+def _check_free(host: str, ports: list[int]) -> None:
+    # Another server on our port would answer the readiness poll in our place.
+    for port in ports:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                raise TritonServerError(f"port {port} on {host} is not free: {exc}") from None
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of a process group, read from /proc."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # exited while scanning
+        fields = stat[stat.rindex(")") + 2:].split()  # fields after "(comm)": state, ppid, pgrp, ...
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            pids.append(int(entry.name))
+    return pids
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+class TritonServer:
+    """A `tritonserver` process serving `repo`; use as a context manager or call start()/stop()."""
+
+    def __init__(self, repo: str | os.PathLike, http_port: int | None = None, grpc_port: int | None = None,
+                 host: str = "127.0.0.1", log_file: str | os.PathLike | None = None, *,
+                 metrics_port: int | None = None, timeout: float = 120.0, exit_timeout: int = 5,
+                 echo: TextIO | None = None, log_verbose: int = 0, extra_args: tuple[str, ...] = ()):
+        self.repo = Path(repo).resolve()
+        self.host = host
+        picked = iter(_free_ports(host, 3))
+        self.http_port = http_port or next(picked)
+        self.grpc_port = grpc_port or next(picked)
+        self.metrics_port = metrics_port or next(picked)
+        self.log_file = Path(log_file) if log_file else None
+        self.timeout, self.exit_timeout, self.echo = timeout, exit_timeout, echo
+        self.log_verbose, self.extra_args = log_verbose, tuple(extra_args)
+        # A per-server shm prefix, so stop() removes exactly this server's python-backend regions.
+        self.shm_prefix = f"{SHM_PREFIX}odmt{uuid.uuid4().hex[:12]}_"
+        self.process: subprocess.Popen | None = None
+        self._tail: collections.deque[str] = collections.deque(maxlen=400)
+        self._reader: threading.Thread | None = None
+
+    # -- addresses -------------------------------------------------------------------------------
+    @property
+    def _client_host(self) -> str:
+        return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host  # connect to a wildcard bind via loopback
+
+    @property
+    def http_url(self) -> str:
+        return f"{self._client_host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self._client_host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self._client_host}:{self.metrics_port}/metrics"
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "".join(list(self._tail)[-lines:])
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def command(self, install: TritonInstall) -> list[str]:
+        cmd = [str(install.binary), f"--model-repository={self.repo}",
+               f"--backend-directory={install.backend_dir}",
+               f"--http-address={self.host}", f"--http-port={self.http_port}",
+               f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
+               f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
+               "--allow-gpu-metrics=false", f"--exit-timeout-secs={self.exit_timeout}",
+               f"--log-verbose={self.log_verbose}",
+               f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}"]
+        if install.cache_dir and install.cache_dir.exists():
+            cmd.append(f"--cache-directory={install.cache_dir}")
+        return cmd + list(self.extra_args)
+
+    def start(self) -> "TritonServer":
+        if self.running:
+            return self
+        if not self.repo.is_dir():
+            raise FileNotFoundError(f"model repository not found: {self.repo}")
+        _check_free(self.host, [self.http_port, self.grpc_port, self.metrics_port])
+        install = find_triton()
+        sink = open(self.log_file, "a", encoding="utf-8") if self.log_file else None  # fail here, not in the thread
+        self.process = subprocess.Popen(
+            self.command(install), env=server_env(install), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, start_new_session=True)  # own group: stop() can reach the stubs
+        self._reader = threading.Thread(target=self._pump_log, args=(sink,), name="tritonserver-log", daemon=True)
+        self._reader.start()
+        atexit.register(self.stop)
+        try:
+            self.wait_ready(self.timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _pump_log(self, sink: TextIO | None) -> None:
+        try:
+            for raw in iter(self.process.stdout.readline, b""):
+                line = raw.decode("utf-8", "replace")
+                self._tail.append(line)
+                for stream in (sink, self.echo):
+                    try:
+                        if stream is not None:
+                            stream.write(line)
+                            stream.flush()
+                    except (OSError, ValueError):
+                        pass  # keep draining the pipe, or a full pipe would block the server
+        finally:
+            if sink:
+                sink.close()
+
+    def log_errors(self, lines: int = 10) -> str:
+        """The server's error lines (E...), minus the harmless CUDA/GPU ones of a CPU machine."""
+        errors = [ln for ln in list(self._tail) if ERROR_LINE.match(ln) and not GPU_NOISE.search(ln)]
+        return "".join(errors[-lines:])
+
+    def _error(self, message: str) -> TritonServerError:
+        if self.process.poll() is not None and self._reader is not None:
+            self._reader.join(2)  # read the last lines before quoting them
+        else:
+            time.sleep(0.2)
+        errors = self.log_errors()
+        errors = f"\n--- tritonserver errors ---\n{errors}" if errors else ""
+        return TritonServerError(f"{message}{errors}\n--- tritonserver log (tail) ---\n{self.log_tail(25)}")
+
+    def _models_ready(self, client) -> bool:
+        if not client.is_server_ready():
+            return False
+        return all(m.get("state") == "READY" for m in client.get_model_repository_index())
+
+    def wait_ready(self, timeout: float) -> None:
+        import tritonclient.http as httpclient
+
+        deadline = time.monotonic() + timeout
+        client = httpclient.InferenceServerClient(self.http_url, connection_timeout=2.0, network_timeout=5.0)
+        try:
+            while True:
+                code = self.process.poll()
+                if code is not None:
+                    raise self._error(f"tritonserver exited with code {code} before it was ready "
+                                      f"(repository {self.repo})")
+                try:
+                    if self._models_ready(client):
+                        return
+                except Exception:  # not listening yet, or loading
+                    pass
+                if time.monotonic() > deadline:
+                    raise self._error(f"tritonserver was not ready after {timeout:g} s (repository {self.repo})")
+                time.sleep(0.1)
+        finally:
+            client.close()  # an open keep-alive connection would hold up the server's shutdown
+
+    def stop(self, timeout: float | None = None) -> int | None:
+        """SIGTERM, wait, then SIGKILL the whole group; remove leftover shm regions. Returns the exit code."""
+        atexit.unregister(self.stop)
+        proc = self.process
+        if proc is None:
+            return None
+        wait = timeout if timeout is not None else self.exit_timeout + 10
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # the server alone: it shuts its stubs down gracefully
+            try:
+                proc.wait(wait)
+            except subprocess.TimeoutExpired:
+                _killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self._reap_group(proc.pid)
+        if self._reader is not None:
+            self._reader.join(5)
+        if proc.stdout:
+            proc.stdout.close()
+        self._remove_shm()
+        return proc.returncode
+
+    def _reap_group(self, pgid: int, grace: float = 3.0) -> None:
+        deadline = time.monotonic() + grace
+        while group_pids(pgid):  # stubs orphaned by a killed server
+            if time.monotonic() > deadline:
+                _killpg(pgid, signal.SIGKILL)
+                deadline = time.monotonic() + grace
+            time.sleep(0.05)
+
+    def _remove_shm(self) -> None:
+        for path in SHM_DIR.glob(f"{self.shm_prefix}*"):
+            path.unlink(missing_ok=True)
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# -- CLI ---------------------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repo", required=True, help="Triton model repository")
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for readiness")
+    parser.add_argument("--log-file", default=None, help="also write the server log here")
+    parser.add_argument("--log-verbose", type=int, default=0)
+
+
+def _interrupt(signum, frame) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)  # a second signal must not interrupt the cleanup
+    raise KeyboardInterrupt
+
+
+def run(args: argparse.Namespace) -> int:
+    server = TritonServer(args.repo, args.http_port, args.grpc_port, args.host, args.log_file,
+                          metrics_port=args.metrics_port, timeout=args.timeout, echo=sys.stderr,
+                          log_verbose=args.log_verbose)
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.start()
+        print(f"HTTP  {server.http_url}\nGRPC  {server.grpc_url}\nmetrics  {server.metrics_url}", flush=True)
+        while server.process.poll() is None:
+            time.sleep(0.2)
+        print(f"error: tritonserver exited with code {server.process.returncode}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0  # asked to stop: a clean exit
+    except (TritonServerError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Standalone entry point: skips the `odmt` dispatcher, which imports every stage (torch, merlin).
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name if __spec__ else __name__}",
+                                     description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
