@@ -81,7 +81,18 @@ def _versions() -> dict[str, str]:
 
 
 def prepare(cfg: PrepareConfig) -> dict:
-    """Runs the whole stage; returns the manifest. Work happens in DIR.partial and replaces DIR only on success."""
+    """Runs the whole stage; returns the manifest. Work happens in DIR.partial and replaces DIR only
+    on success; on failure the partial folder is removed and an earlier DIR is left as it was."""
+    stage = Path(cfg.out).resolve()
+    stage = stage.with_name(stage.name + ".partial")
+    try:
+        return _prepare(cfg)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def _prepare(cfg: PrepareConfig) -> dict:
     import nvtabular as nvt
 
     from odmt_t4r.data import load_source
