@@ -152,7 +152,7 @@ def _prepare(cfg: PrepareConfig) -> dict:
                              max_text_tokens=cfg.max_text_tokens, image_size=cfg.image_size)
         abs_items = items.copy()
         if "image" in abs_items:
-            abs_items["image"] = abs_items["image"].map(lambda p: None if p is None else str((stage / p)) if not os.path.isabs(p) else p)
+            abs_items["image"] = abs_items["image"].map(lambda p: None if pd.isna(p) else p if os.path.isabs(p) else str(stage / p))
         feature_manifest = build_item_features(abs_items, n_index, stage / "features", fcfg)
         _step(f"  done ({time.perf_counter() - t:.1f}s)")
 
@@ -201,7 +201,7 @@ def _item_table(items: pd.DataFrame, vocab: pd.Series, stage: Path) -> pd.DataFr
     table.insert(0, "item_idx", table["item_id"].map(idx).astype("int64"))
     if "image" in table:  # store paths relative to DIR when they live inside it, so DIR can move
         table["image"] = table["image"].map(
-            lambda p: None if p is None else os.path.relpath(p, stage) if str(p).startswith(str(stage)) else p)
+            lambda p: None if pd.isna(p) else os.path.relpath(p, stage) if str(p).startswith(str(stage)) else p)
     return table.sort_values("item_idx").reset_index(drop=True)
 
 
