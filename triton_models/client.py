@@ -7,7 +7,7 @@ Wire contract of the served model (default name `executor_model`, as merlin-syst
     outputs  item_ids               BYTES  [B, K]   raw item IDs, best first; "" marks padding
              scores                 FP32   [B, K]   their scores, descending
 
-The model config uses `max_batch_size: 0`, so the shapes above are the full tensor shapes. If a
+The exported executor model uses `max_batch_size: 64` with dynamic batching, so tensors carry a leading batch dimension of 1; `--max-batch-size 0` exports merlin's unbatched shapes, which this client handles too. If a
 model declares `max_batch_size > 0`, the client sends the request as one batch entry ([1, N] and
 [1, B+1]) and reads outputs of any shape that holds B*K entries. K is fixed by the model; `k`
 truncates to it (asking for more than K returns K).

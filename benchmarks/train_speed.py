@@ -1,0 +1,125 @@
+"""Training speed benchmark: samples/s of an ODMT step against a SASRec step at the same width, length and
+batch, interleaved in one run (medians of the repeats), plus the time our sasrec needs to reach the RecBole
+SASRec anchor's NDCG@10 on ml-100k.
+
+    .venv/bin/python benchmarks/train_speed.py [--data DIR] [--steps 10] [--repeats 5] [--loss full in_batch]
+
+Writes benchmarks/results/train_speed.json. Anchor (issue 3): RecBole SASRec on ml-100k on one core here
+reached its best epoch (6) after about 6 x 2.2 = 13.2 minutes; goal: our sasrec reaches the same
+NDCG@10 (0.1058, RecBole's test figure; we compare it to our valid NDCG@10) in at most a third of that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+warnings.filterwarnings("ignore")
+
+RESULTS = Path(__file__).parent / "results" / "train_speed.json"
+RECBOLE_MINUTES_TO_BEST = 6 * 2.2
+RECBOLE_NDCG10 = 0.1058
+
+
+def _prepared(source: str, work: Path) -> Path:
+    from odmt_t4r.prepare import PrepareConfig, prepare
+    out = work / "data" / source
+    if not (out / "manifest.json").is_file():
+        prepare(PrepareConfig(source=source, out=str(out)))
+    return out
+
+
+def step_rates(data_dir: Path, losses: list[str], steps: int, repeats: int, batch: int) -> dict:
+    import torch
+    from odmt_t4r.model import build_model
+    from odmt_t4r.training.data import PreparedData
+
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    data = PreparedData(data_dir)
+    batches = []
+    for b in data.batches("train", batch, shuffle=True, seed=0):
+        if len(b["items"]) == batch:
+            batches.append(b["items"])
+        if len(batches) == steps:
+            break
+    variants = {"sasrec": ("sasrec", {})}
+    for loss in losses:
+        variants[f"odmt[{loss}]"] = ("odmt", {"loss": loss})
+        variants[f"sasrec[{loss}]"] = ("sasrec", {"loss": loss})
+    models = {}
+    for name, (preset, kw) in variants.items():
+        model = build_model(preset, data.info, **kw)
+        models[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+    times = {n: [] for n in models}
+    for _ in range(repeats):
+        for name, (model, opt) in models.items():  # interleaved: each repeat measures every variant
+            model.train()
+            t = time.perf_counter()
+            for items in batches:
+                loss = model(items, epoch=5)["loss"]
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            times[name].append(time.perf_counter() - t)
+    rates = {n: round(len(batches) * batch / statistics.median(ts), 1) for n, ts in times.items()}
+    out = {"samples_per_s": rates, "batch": batch, "steps": len(batches), "repeats": repeats,
+           "max_length": data.max_length, "n_items": data.info.n_index - 3}
+    for loss in losses:
+        out[f"odmt_step_cost_over_sasrec[{loss}]"] = round(rates[f"sasrec[{loss}]"] / rates[f"odmt[{loss}]"], 2)
+    return out
+
+
+def time_to_anchor(data_dir: Path, work: Path, epochs: int) -> dict:
+    import shutil
+    from odmt_t4r.training.train import TrainConfig, train_run
+
+    run = work / "runs" / "speed-sasrec"
+    shutil.rmtree(run, ignore_errors=True)
+    train_run(TrainConfig(model="sasrec", epochs=epochs, patience=epochs, progress=False), data_dir, run, log=lambda m: None)
+    elapsed, reached = 0.0, None
+    for line in (run / "log.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        elapsed += rec["seconds"]
+        if reached is None and rec["valid"]["NDCG@10"] >= RECBOLE_NDCG10:
+            reached = {"epoch": rec["epoch"], "minutes": round(elapsed / 60, 2), "valid_NDCG@10": round(rec["valid"]["NDCG@10"], 4)}
+    budget = RECBOLE_MINUTES_TO_BEST / 3
+    return {"target_NDCG@10": RECBOLE_NDCG10, "recbole_minutes_to_best": RECBOLE_MINUTES_TO_BEST,
+            "goal_minutes": round(budget, 2), "reached": reached,
+            "goal_met": bool(reached and reached["minutes"] <= budget)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", nargs="+", default=["ml-100k", "fashion"], help="prepared DIRs or source names")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--loss", nargs="+", default=["full", "in_batch"])
+    ap.add_argument("--anchor-epochs", type=int, default=15)
+    ap.add_argument("--work", default=str(Path(__file__).parent / "work"))
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args()
+    work = Path(args.work)
+    result = {"benchmark": "train_speed", "datasets": {}}
+    for d in args.data:
+        data_dir = Path(d) if Path(d).is_dir() else _prepared(d, work)
+        r = step_rates(data_dir, args.loss, args.steps, args.repeats, args.batch)
+        result["datasets"][d] = r
+        print(json.dumps({d: r}), flush=True)
+    ml = Path("ml-100k") if Path("ml-100k").is_dir() else _prepared("ml-100k", work)
+    result["sasrec_time_to_recbole_anchor"] = time_to_anchor(ml, work, args.anchor_epochs)
+    print(json.dumps(result["sasrec_time_to_recbole_anchor"]))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,325 @@
+"""ODMT: Online Distillation-enhanced Multi-modal Transformer for Sequential Recommendation
+(Ji et al., ACM MM 2023, arXiv 2308.04067), and the baselines that share its code.
+
+    item index --item tower--> {id, text, image} vectors --branch MLPs--> tied branch item vectors
+    history vectors --per-branch causal T4R TransformerBlock--> states --dot--> per-branch scores
+    training: per-branch CE + ramped peer distillation;  inference: mean of branch scores, top-k
+
+Models (see `model_registry`): odmt, odmt-no-imt (independent projections instead of the IMT),
+odmt-no-kd (no distillation), sasrec (ID only, one sequence encoder), late-fusion (ID embedding and
+projected text/image CLS concatenated into one sequence encoder, no distillation).
+
+Batches are right-padded item-index rows [B L+1] that end with their target (the prepared-DIR
+contract): the history is the row minus its last item, and a causal encoder predicts each next item.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .branch import Branch, SequenceEncoderConfig
+from .item_tower import ITEM_TOWERS, RESERVED_ROWS, ItemTowerConfig
+from .modality_store import ModalityStore
+from .peer_distillation import PeerDistillationTask, fuse
+from .prepared import PreparedInfo, read_prepared
+
+MODEL_FORMAT = "odmt-model/1"
+
+
+@dataclass
+class OdmtConfig:
+    name: str = "odmt"
+    # from the prepared DIR
+    n_index: int = 0
+    max_length: int = 20
+    item_column: str = "item_id-list"
+    modalities: list[str] = field(default_factory=lambda: ["id", "text"])  # item-tower inputs = peer branches
+    feature_dims: dict[str, int] = field(default_factory=dict)  # {"text": 384, "image": 1280}
+    # architecture
+    item_tower: str = "imt"  # "imt" | "independent"
+    fusion: str = "peer"  # "peer": one branch per modality + KD; "late": concat -> one branch, no KD
+    branch_mlp: bool = True
+    d_model: int = 64
+    n_heads: int = 2
+    imt_layers: int = 2
+    imt_dropout: float = 0.1
+    seq_encoder: str = "gpt2"  # "gpt2" | "xlnet"
+    seq_layers: int = 2
+    seq_dropout: float = 0.2
+    id_init: str = "content"  # "content" | "xavier"
+    # objective
+    loss: str = "full"  # "full" softmax over the catalog | "in_batch" sampled softmax with logQ correction
+    tau: float = 0.4
+    kd_weight: float = 1.0
+    ramp_epochs: float = 5.0
+
+    @property
+    def branch_names(self) -> list[str]:
+        return list(self.modalities) if self.fusion == "peer" else ["late"]
+
+    def validate(self) -> "OdmtConfig":
+        bad = set(self.modalities) - {"id", "text", "image"}
+        if bad or not self.modalities:
+            raise ValueError(f"modalities must be a non-empty subset of id/text/image, got {self.modalities}")
+        self.modalities = [m for m in ("id", "text", "image") if m in self.modalities]
+        for m in self.modalities:
+            if m != "id" and m not in self.feature_dims:
+                raise ValueError(f"modality '{m}' has no feature dimension (no {m}.npy in the prepared DIR?)")
+        choices = {"item_tower": tuple(ITEM_TOWERS), "fusion": ("peer", "late"), "seq_encoder": ("gpt2", "xlnet"),
+                   "id_init": ("content", "xavier"), "loss": ("full", "in_batch")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {allowed}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "OdmtConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# name -> the settings that define it (they win over user overrides)
+model_registry: dict[str, dict] = {
+    "odmt": dict(item_tower="imt", fusion="peer"),
+    "odmt-no-imt": dict(item_tower="independent", fusion="peer"),
+    "odmt-no-kd": dict(item_tower="imt", fusion="peer", kd_weight=0.0),
+    "sasrec": dict(item_tower="independent", fusion="peer", modalities=["id"], branch_mlp=False, id_init="xavier"),
+    "late-fusion": dict(item_tower="independent", fusion="late", id_init="xavier", kd_weight=0.0),
+}
+
+
+def split_targets(items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded rows [B L+1] -> (history [B L], next item [B L]); pads are 0 in both.
+    history[t] is followed by targets[t]; a row's last item appears only as a target."""
+    targets = items[:, 1:]
+    history = torch.where(targets > 0, items[:, :-1], torch.zeros_like(targets))
+    return history, targets
+
+
+def history_and_target(items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Evaluation rows [B L+1] -> (history [B L], the row's last item [B])."""
+    lengths = (items > 0).sum(1)  # [B]
+    target = items[torch.arange(len(items)), (lengths - 1).clamp(min=0)]
+    history, _ = split_targets(items)
+    return history, target
+
+
+def clip_history(history: torch.Tensor, max_length: int) -> torch.Tensor:
+    """Keep each right-padded row's last `max_length` real items, left-aligned again. [B S] -> [B <=L]."""
+    if history.shape[1] <= max_length:
+        return history
+    lengths = (history > 0).sum(1, keepdim=True)  # [B 1]
+    start = (lengths - max_length).clamp(min=0)  # [B 1]
+    pos = start + torch.arange(max_length, device=history.device)  # [B L]
+    out = history.gather(1, pos.clamp(max=history.shape[1] - 1))
+    return torch.where(pos < lengths, out, torch.zeros_like(out))
+
+
+class OdmtRecommender(nn.Module):
+    def __init__(self, config: OdmtConfig, store: ModalityStore | None = None):
+        super().__init__()
+        self.config = config.validate()
+        c = config
+        tower_cfg = ItemTowerConfig(d_model=c.d_model, n_layers=c.imt_layers, n_heads=c.n_heads,
+                                    dropout=c.imt_dropout, id_init=c.id_init)
+        self.item_tower = ITEM_TOWERS[c.item_tower](tower_cfg, c.n_index, c.modalities, c.feature_dims, store)
+        seq_cfg = SequenceEncoderConfig(kind=c.seq_encoder, d_model=c.d_model, n_layers=c.seq_layers,
+                                        n_heads=c.n_heads, dropout=c.seq_dropout, max_length=c.max_length)
+        in_dim = c.d_model * (len(c.modalities) if c.fusion == "late" else 1)
+        self.branches = nn.ModuleDict({b: Branch(b, in_dim, seq_cfg, mlp=c.branch_mlp) for b in c.branch_names})
+        self.task = PeerDistillationTask(c.branch_names, c.n_index, tau=c.tau, kd_weight=c.kd_weight,
+                                         ramp_epochs=c.ramp_epochs, sampled_softmax=c.loss == "in_batch")
+        self.register_buffer("log_popularity", torch.zeros(c.n_index))  # log train counts, for logQ
+        self._catalog: dict[str, torch.Tensor] | None = None  # eval-time cache of every item's vectors
+        self._frozen_catalog = False  # True when loaded without features: the cache is all we have
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_prepared(cls, data_dir: str | os.PathLike | PreparedInfo, name: str = "odmt",
+                      **overrides) -> "OdmtRecommender":
+        """A fresh model for a prepared DIR: schema-derived sizes, features, popularity, preset `name`."""
+        info = data_dir if isinstance(data_dir, PreparedInfo) else read_prepared(data_dir)
+        if name not in model_registry:
+            raise ValueError(f"unknown model '{name}'; choose one of {sorted(model_registry)}")
+        settings = {**overrides, **model_registry[name], "name": name}
+        wanted = settings.get("modalities") or info.modalities
+        missing = [m for m in wanted if m not in info.modalities]
+        if missing:
+            raise ValueError(f"{info.root} has no features for {missing}; it offers {info.modalities}")
+        content = [m for m in wanted if m != "id"]
+        store = ModalityStore.load(info.features_dir, content) if content else None
+        config = OdmtConfig.from_dict({
+            **settings, "n_index": info.n_index, "max_length": info.max_length, "item_column": info.item_column,
+            "modalities": list(wanted), "feature_dims": {m: store.dim(m) for m in content},
+        })
+        model = cls(config, store)
+        if config.id_init == "content":
+            model.item_tower.init_id_from_content()
+        items_path = info.root / "items.parquet"
+        if items_path.is_file():
+            import pandas as pd
+            items = pd.read_parquet(items_path, columns=["item_idx", "train_count"])
+            counts = np.zeros(info.n_index)
+            counts[items["item_idx"].to_numpy()] = items["train_count"].to_numpy()
+            model.set_popularity(torch.from_numpy(counts))
+        return model
+
+    def set_popularity(self, counts: torch.Tensor) -> None:
+        """counts [N] train interactions per item -> log-popularity used by the in-batch logQ correction."""
+        self.log_popularity.copy_(torch.log(counts.float().clamp(min=1.0)))
+
+    @property
+    def branch_names(self) -> list[str]:
+        return list(self.branches)
+
+    # ------------------------------------------------------------------ item vectors
+    def item_vectors(self, item_idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """item_idx [U] -> {branch: [U D]} tied branch item vectors (tower + branch MLP)."""
+        tower = self.item_tower(item_idx)  # {modality: [U D]}
+        if self.config.fusion == "late":
+            return {"late": self.branches["late"].item_vectors(torch.cat([tower[m] for m in self.config.modalities], -1))}
+        return {b: self.branches[b].item_vectors(tower[b]) for b in self.branches}
+
+    @torch.no_grad()
+    def catalog_vectors(self, chunk: int = 2048) -> dict[str, torch.Tensor]:
+        """{branch: [N D]} for every index row; computed once per eval session and cached."""
+        if self._catalog is not None and not self.training:
+            return self._catalog
+        device = self.log_popularity.device
+        parts = [self.item_vectors(torch.arange(s, min(self.config.n_index, s + chunk), device=device))
+                 for s in range(0, self.config.n_index, chunk)]
+        catalog = {b: torch.cat([p[b] for p in parts]) for b in self.branches}
+        if not self.training:
+            self._catalog = catalog
+        return catalog
+
+    def train(self, mode: bool = True):
+        if not self._frozen_catalog:
+            self._catalog = None  # weights are about to change: drop the eval cache
+        elif mode:
+            raise RuntimeError("this model was loaded without its item features; it can score but not train")
+        return super().train(mode)
+
+    # ------------------------------------------------------------------ training
+    def forward(self, items: torch.Tensor, epoch: float = 0.0) -> dict:
+        """items [B L+1] right-padded rows ending with their target -> the task's loss dict."""
+        history, targets = split_targets(items)  # [B L] each
+        B, L = history.shape
+        valid = targets >= RESERVED_ROWS  # [B L] positions with a real next item
+        if self.config.loss == "full":
+            vecs = self.item_vectors(torch.arange(self.config.n_index, device=items.device))  # {b: [N D]}
+            seq = {b: v[history] for b, v in vecs.items()}  # [B L D]
+            candidates = {b: v[RESERVED_ROWS:] for b, v in vecs.items()}  # [C D], C = N - 3
+            y = targets[valid] - RESERVED_ROWS  # [P]
+            log_q = mask = None
+        else:  # in-batch: the batch's targets are the candidates; the tower runs on the unique items only
+            cand_items, y = torch.unique(targets[valid], return_inverse=True)  # [C], [P]
+            needed, inv = torch.unique(torch.cat([history.flatten(), cand_items]), return_inverse=True)
+            vecs = self.item_vectors(needed)  # {b: [U D]}
+            seq = {b: v[inv[: B * L]].view(B, L, -1) for b, v in vecs.items()}
+            candidates = {b: v[inv[B * L:]] for b, v in vecs.items()}
+            log_q = self.log_popularity[cand_items]  # [C]
+            # the user's own other items are not negatives for them (the official code's history mask)
+            row_has = (items[:, :, None] == cand_items[None, None, :]).any(1)  # [B C]
+            rows = torch.arange(B, device=items.device)[:, None].expand(B, L)[valid]  # [P]
+            mask = row_has[rows]  # [P C]
+            mask[torch.arange(len(y), device=items.device), y] = False
+        nonpad = (history > 0).unsqueeze(-1)  # [B L 1]
+        states = {b: self.branches[b](seq[b] * nonpad)[valid] for b in self.branches}  # [P D]
+        return self.task(states, candidates, y, epoch=epoch, log_q=log_q, mask=mask)
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def score(self, history: torch.Tensor) -> dict[str, torch.Tensor]:
+        """history [B S] right-padded item indices -> {branch: [B N], "fused": [B N]} scores for every
+        index row; reserved rows get -inf. Uses the cached catalog in eval mode."""
+        history = clip_history(history, self.config.max_length)
+        catalog = self.catalog_vectors()
+        B = history.shape[0]
+        last = ((history > 0).sum(1) - 1).clamp(min=0)  # [B] position of the newest history item
+        nonpad = (history > 0).unsqueeze(-1)  # [B L 1]
+        scores = {}
+        for b, branch in self.branches.items():
+            h = branch(catalog[b][history] * nonpad)[torch.arange(B), last]  # [B D]
+            s = h @ catalog[b].t()  # [B N]
+            s[:, :RESERVED_ROWS] = float("-inf")
+            scores[b] = s
+        scores["fused"] = fuse({b: scores[b] for b in self.branches})
+        return scores
+
+    @torch.no_grad()
+    def recommend(self, history: torch.Tensor, k: int = 10, exclude_history: bool = True,
+                  branch: str = "fused") -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k (scores [B k], item indices [B k]) for each history; the history's items excluded."""
+        s = self.score(history)[branch].clone()
+        if exclude_history:
+            s.scatter_(1, history.long(), float("-inf"))  # pads hit column 0, which is -inf already
+        return torch.topk(s, k=min(k, s.shape[1] - RESERVED_ROWS), dim=-1)
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, path: str | os.PathLike, extra: dict | None = None) -> Path:
+        """Writes config.json (model config + `extra`), model.pt (state_dict) and item_vectors.pt (the
+        eval catalog, so the folder can score even without the prepared DIR's features)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        config_path = path / "config.json"
+        existing = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        payload = {"format": MODEL_FORMAT, **existing, **(extra or {}), "model": asdict(self.config)}
+        _atomic_write_text(config_path, json.dumps(payload, indent=2, default=str) + "\n")
+        _atomic_torch_save({k: v.detach().cpu().clone() for k, v in self.state_dict().items()}, path / "model.pt")
+        was_training = self.training
+        self.eval()
+        catalog = self.catalog_vectors()
+        _atomic_torch_save({b: v.detach().cpu().clone() for b, v in catalog.items()}, path / "item_vectors.pt")
+        self.train(was_training)
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, data_dir: str | os.PathLike | None = None,
+                        map_location: str | torch.device = "cpu") -> "OdmtRecommender":
+        """Reload a saved folder (a training RUN or a save_pretrained folder) in eval mode.
+        Item features come from `data_dir` (default: the DIR recorded at training time); if they are not
+        there, the saved item vectors are used and the model can score but not train."""
+        path = Path(path)
+        payload = json.loads((path / "config.json").read_text())
+        config = OdmtConfig.from_dict(payload["model"])
+        content = [m for m in config.modalities if m != "id"]
+        data_dir = data_dir or payload.get("data", {}).get("dir")
+        features = Path(data_dir) / "features" if data_dir else None
+        store = None
+        if content and features is not None and all((features / f"{m}.npy").is_file() for m in content):
+            store = ModalityStore.load(features, content)
+        model = cls(config, store)
+        state = torch.load(path / "model.pt", map_location=map_location, weights_only=True)
+        model.load_state_dict(state)
+        model.eval()
+        if content and store is None:
+            catalog = torch.load(path / "item_vectors.pt", map_location=map_location, weights_only=True)
+            model._catalog, model._frozen_catalog = catalog, True
+        return model
+
+
+def build_model(name: str, data_dir: str | os.PathLike | PreparedInfo, **overrides) -> OdmtRecommender:
+    """`model_registry` entry point: a fresh `name` model for a prepared DIR."""
+    return OdmtRecommender.from_prepared(data_dir, name=name, **overrides)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)

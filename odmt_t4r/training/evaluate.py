@@ -1,0 +1,76 @@
+"""`odmt evaluate`: full-ranking HR/NDCG of a RUN on the valid or test split, fused and per branch.
+
+    odmt evaluate --run RUN --split test [--data DIR]
+prints the metrics as JSON and writes RUN/metrics-<split>.json:
+    {"HR@10", "NDCG@10", "HR@20", "NDCG@20" (fused), "id/HR@10", ... (per branch), "split", "protocol",
+     "n_users", "n_target_in_history", "model", "data"}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from odmt_t4r.model import OdmtRecommender, history_and_target
+
+from .data import PreparedData
+from .metrics import PROTOCOL, RankingAccumulator
+
+
+@torch.no_grad()
+def evaluate_model(model: OdmtRecommender, data: PreparedData, split: str = "valid", batch_size: int = 512,
+                   progress: bool = False) -> dict:
+    """Rank every item for each user of `split`; the user's items before the target are excluded."""
+    was_training = model.training
+    model.eval()
+    acc = RankingAccumulator()
+    n = 0
+    bar = tqdm(data.batches(split, batch_size), total=data.num_batches(split, batch_size),
+               desc=f"evaluate {split}", disable=not progress, leave=False, file=sys.stderr)
+    for batch in bar:
+        history, target = history_and_target(batch["items"])
+        scores = model.score(history)
+        acc.update(scores, target, batch.get("seen"))
+        n += len(target)
+    model.train(was_training)
+    return {**acc.compute(), "split": split, "protocol": PROTOCOL, "n_users": n,
+            "n_target_in_history": acc.n_target_in_history}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="a RUN folder written by `odmt train`")
+    p.add_argument("--split", choices=["valid", "test"], default="test")
+    p.add_argument("--data", default=None, help="the prepared DIR (default: the one the RUN was trained on)")
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run)
+    if not (run_dir / "model.pt").is_file():
+        print(f"odmt evaluate: error: {run_dir} holds no trained model (model.pt)", file=sys.stderr)
+        return 2
+    payload = json.loads((run_dir / "config.json").read_text())
+    data_dir = args.data or payload.get("data", {}).get("dir")
+    if not data_dir or not Path(data_dir).is_dir():
+        print(f"odmt evaluate: error: prepared DIR {data_dir!r} not found; pass --data DIR", file=sys.stderr)
+        return 2
+    data = PreparedData(data_dir)
+    trained_on = payload.get("data", {}).get("manifest_sha256")
+    if trained_on and trained_on != data.info.manifest_sha256:
+        print(f"odmt evaluate: warning: {data.root} is not the prepared data this RUN was trained on "
+              "(manifest hash differs)", file=sys.stderr)
+    t0 = time.perf_counter()
+    model = OdmtRecommender.from_pretrained(run_dir, data_dir=data_dir)
+    metrics = evaluate_model(model, data, args.split, args.batch_size, progress=not args.no_progress)
+    metrics.update({"model": model.config.name, "data": str(data.root),
+                    "seconds": round(time.perf_counter() - t0, 2)})
+    (run_dir / f"metrics-{args.split}.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    print(json.dumps(metrics, indent=2))
+    return 0

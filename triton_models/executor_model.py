@@ -1,0 +1,180 @@
+"""Triton python-backend entry point of the exported `executor_model`: merlin-systems' executor model,
+but one graph run per dynamic batch instead of one per request.
+
+merlin-systems 23.08's executor (merlin/systems/triton/models/executor_model.py) wraps `execute` in
+`triton_multi_request`, which runs the whole graph once per request even when Triton's dynamic batcher
+hands it several, and it reads inputs as if `max_batch_size` were 0. This subclass keeps its
+`initialize` (Ensemble.load + every operator's load_artifacts) and replaces `execute`:
+
+  * each request is one batch entry ([1, N] values, [1, B+1] offsets, `max_batch_size > 0`), or the
+    whole tensors when the model is exported with `max_batch_size: 0`;
+  * the sessions of all requests are concatenated into one TensorTable and the ensemble runs once
+    (one Categorify lookup, one model forward for every session of the batch), in groups of at most
+    `max_sessions_per_run` sessions (a config parameter) so memory stays bounded;
+  * the output rows are split back per request; a request that fails validation gets its own error
+    response and does not fail the others. If the merged run raises, each request is retried alone so
+    the error lands on the request that caused it.
+
+export.py copies this file into the model repository as executor_model/1/model.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from merlin.systems.dag.runtimes.triton import TritonExecutorRuntime
+from merlin.systems.triton.conversions import tensor_names
+from merlin.systems.triton.models.executor_model import TritonPythonModel as MerlinExecutorModel
+from merlin.table import TensorTable
+
+MAX_SESSIONS_PER_RUN = 256  # default; the model config parameter `max_sessions_per_run` overrides it
+
+
+class RequestError(ValueError):
+    """A request the model cannot run (bad offsets, ...): answered with an error, the batch goes on."""
+
+
+class TritonPythonModel(MerlinExecutorModel):
+    def initialize(self, args):
+        super().initialize(args)
+        config = json.loads(args["model_config"])
+        self.batched = int(config.get("max_batch_size", 0) or 0) > 0
+        param = config.get("parameters", {}).get("max_sessions_per_run", {}).get("string_value")
+        self.max_sessions = int(param or MAX_SESSIONS_PER_RUN)
+        self.runtime = TritonExecutorRuntime()
+        schema = self.ensemble.input_schema
+        self.ragged = [c for c, s in schema.column_schemas.items() if s.is_ragged]
+        self.fixed = [c for c, s in schema.column_schemas.items() if not s.is_ragged]
+        self.outputs = self.ensemble.output_schema
+        bad = [c for c, s in self.outputs.column_schemas.items() if s.is_ragged]
+        if bad:
+            raise pb_utils.TritonModelException(f"ragged outputs are not supported by this executor: {bad}")
+
+    # -- reading one request ---------------------------------------------------------------------
+    def _tensor(self, request, name):
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        if tensor is None:
+            raise RequestError(f"missing input tensor {name!r}")
+        array = tensor.as_numpy()
+        if self.batched:
+            if array.ndim < 1 or array.shape[0] != 1:
+                raise RequestError(f"{name}: send one batch entry per request (shape [1, ...]), got {list(array.shape)}")
+            array = array[0]
+        return array
+
+    def _read(self, request) -> tuple[dict, int]:
+        """One request -> ({column: values or (values, offsets)}, number of sessions)."""
+        columns, rows = {}, None
+        for col in self.ragged:
+            values = self._tensor(request, f"{col}__values").reshape(-1)
+            offsets = self._tensor(request, f"{col}__offsets").reshape(-1).astype(np.int64)
+            if (offsets.size == 0 or offsets[0] != 0 or offsets[-1] != values.size
+                    or np.any(offsets[1:] < offsets[:-1])):
+                raise RequestError(f"{col}__offsets must hold B+1 non-decreasing entries from 0 to the number of "
+                                   f"values ({values.size}); got {offsets[:8].tolist()}"
+                                   f"{'...' if offsets.size > 8 else ''} ({offsets.size} entries)")
+            columns[col] = (values, offsets)
+            n = offsets.size - 1
+            if rows is not None and n != rows:
+                raise RequestError(f"inputs disagree on the number of sessions ({rows} vs {n})")
+            rows = n
+        for col in self.fixed:
+            values = self._tensor(request, col)
+            columns[col] = values
+            if rows is not None and values.shape[0] != rows:
+                raise RequestError(f"inputs disagree on the number of rows ({rows} vs {values.shape[0]})")
+            rows = values.shape[0]
+        return columns, int(rows or 0)
+
+    # -- one graph run for many requests ---------------------------------------------------------
+    def _merge(self, parts: list[dict]) -> TensorTable:
+        tensors = {}
+        for col in self.ragged:
+            values = [p[col][0] for p in parts]
+            offsets, shift = [np.zeros(1, dtype=np.int64)], 0
+            for p in parts:
+                offsets.append(p[col][1][1:] + shift)
+                shift += p[col][1][-1]
+            tensors[f"{col}__values"] = np.concatenate(values) if len(values) > 1 else values[0]
+            tensors[f"{col}__offsets"] = np.concatenate(offsets).astype(np.int32)
+        for col in self.fixed:
+            tensors[col] = np.concatenate([p[col] for p in parts])
+        return TensorTable(tensors)
+
+    def _empty_outputs(self) -> dict:
+        out = {}
+        for name, col in self.outputs.column_schemas.items():
+            dims = [d.max if d.is_fixed else 0 for d in col.shape.dims[1:]] if col.shape.dims else []
+            out[name] = np.zeros([0, *dims], dtype=col.dtype.to_numpy)
+        return out
+
+    def _run(self, parts: list[dict], rows: list[int]) -> list[dict]:
+        """Runs the graph once on the merged sessions and splits its outputs back per request."""
+        if sum(rows) == 0:
+            outputs = self._empty_outputs()
+        else:
+            table = self.ensemble.transform(self._merge(parts), runtime=self.runtime)
+            outputs = table.to_dict()
+        names = tensor_names(self.outputs)
+        bounds = np.cumsum([0, *rows])
+        return [{n: outputs[n][a:b] for n in names} for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def _response(self, outputs: dict):
+        tensors = []
+        for name, array in outputs.items():
+            array = np.ascontiguousarray(array[None] if self.batched else array)
+            tensors.append(pb_utils.Tensor(name, array))
+        return pb_utils.InferenceResponse(tensors)
+
+    @staticmethod
+    def _error(message: str, invalid_request: bool = False):
+        code = getattr(pb_utils.TritonError, "INVALID_ARG", None) if invalid_request else None
+        error = pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
+        return pb_utils.InferenceResponse(output_tensors=[], error=error)  # INVALID_ARG: HTTP 400, else 500
+
+    def execute(self, requests):
+        responses = [None] * len(requests)
+        pending = []  # (request position, its columns, its number of sessions)
+        for i, request in enumerate(requests):
+            try:
+                columns, n = self._read(request)
+            except RequestError as exc:
+                responses[i] = self._error(str(exc), invalid_request=True)
+                continue
+            pending.append((i, columns, n))
+        for group in self._groups(pending):
+            self._answer(group, responses)
+        return responses
+
+    def _groups(self, pending):
+        """Consecutive requests with at most `max_sessions` sessions together (a bigger one runs alone),
+        so a batch of large requests does not build one huge score matrix."""
+        group, size = [], 0
+        for item in pending:
+            if group and size + item[2] > self.max_sessions:
+                yield group
+                group, size = [], 0
+            group.append(item)
+            size += item[2]
+        if group:
+            yield group
+
+    def _answer(self, group, responses) -> None:
+        parts, rows = [g[1] for g in group], [g[2] for g in group]
+        try:
+            results = self._run(parts, rows)
+        except Exception:  # noqa: BLE001 - find the request that failed, answer the others
+            results = []
+            for part, n in zip(parts, rows):
+                try:
+                    results.append(self._run([part], [n])[0])
+                except Exception as exc:  # noqa: BLE001
+                    results.append(exc)
+        for (i, _, _), result in zip(group, results):
+            if isinstance(result, Exception):
+                responses[i] = self._error(f"{type(result).__name__}: {result}",
+                                           invalid_request=isinstance(result, RequestError))
+            else:
+                responses[i] = self._response(result)

@@ -1,0 +1,236 @@
+"""`OdmtPredict`: the last operator of the serving ensemble, an ODMT/SASRec RUN scoring sessions.
+
+A merlin-systems 23.08 graph operator (a `merlin.dag.BaseOperator`: this release has no
+`InferenceOperator`) that runs inside the executor model on Triton's PYTHON backend, so it needs no
+libtorch backend. Per request:
+
+    item_id-list  ragged int64 item indices (the training encoding: 0 pad, 1 null, 2 OOV, 3.. items)
+      -> right-padded history [B L] (the last L items of each session)
+      -> model.recommend: mean of the branch scores over every item, those L items masked
+      -> top-k item indices -> raw item IDs through the vocabulary, and their scores
+
+    item_ids  object (bytes) [B, K]   raw item IDs, best first; b"" pads a row with fewer than K items
+    scores    float32        [B, K]   their scores, descending; -inf where the ID is b""
+
+An empty session has no history to encode: it gets the K most popular training items (the model's
+`log_popularity` buffer, ties in vocabulary order) with their log training counts as scores.
+
+The model is loaded once per Triton model instance (`load_artifacts`), in eval mode, and each branch's
+item matrix is computed there (from the prepared DIR's frozen features when they are reachable,
+otherwise read from the RUN's saved item_vectors.pt); requests only run the sequence encoders and
+one matrix product per branch. The sequence encoders are TorchScript-traced at load (same weights and
+ops, ~2.5x faster at batch 1 on CPU; each trace is compared with the eager encoder on other batch
+sizes and dropped if it differs). torch runs one intra-op thread per instance: on 2 shared cores more
+threads only spin against each other (a batch-1 call went from ~3 ms to ~800 ms under load).
+The model never enters the pickled ensemble (`__getstate__`): the RUN's files are copied next to it
+by `save_artifacts`, so the model repository is self-contained.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from merlin.dag import BaseOperator, ColumnSelector, DataFormats
+from merlin.schema import ColumnSchema, Schema, Tags
+from merlin.table import TensorTable
+
+ITEM_IDS, SCORES = "item_ids", "scores"
+ARTIFACT_DIR = "odmt_model"  # under the executor model's ensemble/ folder
+RUN_FILES = ("config.json", "model.pt", "item_vectors.pt")
+RESERVED_ROWS = 3  # 0 pad, 1 null, 2 OOV: never recommended
+
+
+class OdmtPredict(BaseOperator):
+    """Merlin operator: encoded sessions -> top-k raw item IDs and scores (see the module docstring)."""
+
+    def __init__(self, run_dir: str | os.PathLike, item_ids: Sequence[str], k: int = 10,
+                 data_dir: str | os.PathLike | None = None, input_column: str = "item_id-list",
+                 torch_threads: int = 1, jit: bool = True):
+        super().__init__()
+        if k < 1:
+            raise ValueError("k must be >= 1")
+        self.run_dir = str(Path(run_dir).resolve())
+        self.data_dir = str(Path(data_dir).resolve()) if data_dir else None
+        self.k = int(k)
+        self.input_column = input_column
+        self.torch_threads = int(torch_threads)
+        self.jit = bool(jit)
+        self.jit_status = "not loaded"
+        # index -> raw ID as UTF-8 bytes (the BYTES output); b"" for the reserved rows and padding
+        ids = np.empty(len(item_ids), dtype=object)
+        ids[:] = [b"" if i is None else str(i).encode("utf-8") for i in item_ids]
+        ids[:RESERVED_ROWS] = b""
+        self.item_ids = ids
+        self._model = None
+        self._popular: tuple[np.ndarray, np.ndarray] | None = None
+
+    # -- model lifecycle -------------------------------------------------------------------------
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_model"] = None  # the weights travel as artifacts, not inside ensemble.pkl
+        state["_popular"] = None
+        return state
+
+    def save_artifacts(self, artifact_path: str | os.PathLike | None = None) -> None:
+        if not artifact_path:
+            return
+        target = Path(artifact_path) / ARTIFACT_DIR
+        target.mkdir(parents=True, exist_ok=True)
+        for name in RUN_FILES:
+            src = Path(self.run_dir) / name
+            if src.is_file():
+                shutil.copyfile(src, target / name)
+            elif name != "item_vectors.pt":
+                raise FileNotFoundError(f"{src} is missing: {self.run_dir} is not a saved model RUN")
+
+    def load_artifacts(self, artifact_path: str | os.PathLike | None = None) -> None:
+        # merlin.dag.Graph.__init__ calls load_artifacts("") when the ensemble is built: stay lazy then.
+        if not artifact_path:
+            return
+        folder = Path(artifact_path) / ARTIFACT_DIR
+        if self.torch_threads > 0:  # a serving process (one stub per instance): set it process-wide
+            import torch
+
+            torch.set_num_threads(self.torch_threads)
+        self._load(folder if (folder / "config.json").is_file() else Path(self.run_dir))
+
+    def _load(self, folder: Path) -> None:
+        try:
+            from odmt_t4r.model import OdmtRecommender
+        except ImportError as exc:
+            raise ImportError(f"OdmtPredict needs the odmt_t4r package in the server's Python ({exc}); install the "
+                              "project there (pip install -e .) or start tritonserver with its venv first on PATH") from exc
+
+        data_dir = self.data_dir
+        if data_dir is None:
+            data_dir = json.loads((folder / "config.json").read_text()).get("data", {}).get("dir")
+        if data_dir and not Path(data_dir).is_dir():
+            data_dir = None  # DIR moved or absent: the saved item vectors score the same
+        model = OdmtRecommender.from_pretrained(folder, data_dir=data_dir)
+        model.eval()
+        if model.config.n_index != len(self.item_ids):
+            raise ValueError(f"the model indexes {model.config.n_index} rows but the vocabulary has "
+                             f"{len(self.item_ids)}: the RUN was not trained on this prepared DIR")
+        model.catalog_vectors()  # each branch's item matrix, once, now
+        self.jit_status = trace_sequence_encoders(model) if self.jit else "off"
+        pop = model.log_popularity.detach().cpu().numpy().astype(np.float64).copy()
+        pop[:RESERVED_ROWS] = -np.inf
+        order = np.argsort(-pop, kind="stable")[: self.k]
+        self._popular = (order, pop[order].astype(np.float32))
+        self._model = model
+        self.recommend(np.zeros(1, dtype=np.int64), np.array([0, 1], dtype=np.int64))  # warm up torch
+
+    @property
+    def model(self):
+        if self._model is None:
+            self._load(Path(self.run_dir))  # in-process use before export
+        return self._model
+
+    # -- scoring ---------------------------------------------------------------------------------
+    def history(self, values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """values/offsets -> right-padded [B L] int64: each session's last L items, left-aligned."""
+        L = self.model.config.max_length
+        values = np.asarray(values, dtype=np.int64).reshape(-1)
+        offsets = np.asarray(offsets, dtype=np.int64).reshape(-1)
+        lengths = np.diff(offsets)
+        keep = np.minimum(lengths, L)
+        out = np.zeros((len(lengths), L), dtype=np.int64)
+        rows = np.repeat(np.arange(len(lengths)), keep)
+        cols = np.arange(keep.sum()) - np.repeat(np.cumsum(keep) - keep, keep)
+        out[rows, cols] = values[np.repeat(offsets[1:] - keep, keep) + cols]
+        return out
+
+    def recommend(self, values: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Encoded sessions (values/offsets) -> (raw IDs object [B K], scores float32 [B K])."""
+        import torch
+
+        model = self.model
+        hist = self.history(values, offsets)
+        B, K = hist.shape[0], self.k
+        ids = np.full((B, K), b"", dtype=object)
+        scores = np.full((B, K), -np.inf, dtype=np.float32)
+        if B == 0:
+            return ids, scores
+        with torch.inference_mode():
+            top_scores, top_idx = model.recommend(torch.from_numpy(hist), k=K)
+        top_scores, top_idx = top_scores.numpy(), top_idx.numpy()
+        n = top_idx.shape[1]
+        found = np.isfinite(top_scores)  # fewer unseen items than K: those slots stay padding
+        ids[:, :n] = np.where(found, self.item_ids[top_idx], b"")
+        scores[:, :n] = np.where(found, top_scores, -np.inf)
+        empty = hist[:, 0] == 0
+        if empty.any():
+            order, pop = self._popular
+            ids[empty, : len(order)] = self.item_ids[order]
+            scores[empty, : len(order)] = pop
+        return ids, scores
+
+    # -- merlin operator -------------------------------------------------------------------------
+    def transform(self, col_selector: ColumnSelector, transformable: TensorTable) -> TensorTable:
+        col = transformable[self.input_column]
+        if col.offsets is None:  # every session had the same length: merlin sent a 2-D array
+            values = col.values
+            offsets = np.arange(values.shape[0] + 1, dtype=np.int64) * (values.shape[1] if values.ndim > 1 else 1)
+        else:
+            values, offsets = col.values, col.offsets
+        ids, scores = self.recommend(values, offsets)
+        return TensorTable({ITEM_IDS: ids, SCORES: scores})
+
+    def compute_input_schema(self, root_schema: Schema, parents_schema: Schema, deps_schema: Schema,
+                             selector: ColumnSelector) -> Schema:
+        schema = parents_schema + deps_schema
+        if self.input_column not in schema.column_names:
+            raise ValueError(f"OdmtPredict needs the encoded column {self.input_column!r}, got {schema.column_names}")
+        return schema[[self.input_column]]
+
+    def compute_output_schema(self, input_schema: Schema, col_selector: ColumnSelector,
+                              prev_output_schema: Schema | None = None) -> Schema:
+        return Schema([
+            ColumnSchema(ITEM_IDS, dtype="object", tags=[Tags.ITEM_ID], dims=(None, self.k)),
+            ColumnSchema(SCORES, dtype=np.float32, dims=(None, self.k)),
+        ])
+
+    @property
+    def supported_formats(self) -> DataFormats:
+        return DataFormats.NUMPY_TENSOR_TABLE
+
+    def __repr__(self) -> str:
+        return f"OdmtPredict(run_dir={self.run_dir!r}, k={self.k}, items={len(self.item_ids) - RESERVED_ROWS})"
+
+
+def trace_sequence_encoders(model, atol: float = 1e-5) -> str:
+    """Replaces each branch's sequence encoder (a T4R TransformerBlock around a Hugging Face model) by
+    its TorchScript trace: the same weights and ops without the Python module overhead, about 2.5x
+    faster at batch 1 on CPU. The trace is kept only if it matches the eager encoder on other batch
+    sizes than the one traced; otherwise the eager encoder stays. Returns what was done."""
+    import warnings
+
+    import torch
+
+    L = model.config.max_length
+    done = []
+    for name, branch in model.branches.items():
+        eager = branch.encoder
+        try:
+            width = model.catalog_vectors()[name].shape[1]
+            gen = torch.Generator().manual_seed(0)
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # TracerWarnings about Python ints from shapes
+                traced = torch.jit.trace(eager, (torch.randn(2, L, width, generator=gen),), check_trace=False)
+                traced = torch.jit.freeze(traced.eval())
+                for B in (1, 3, 7):
+                    x = torch.randn(B, L, width, generator=gen)
+                    diff = (traced(x) - eager(x)).abs().max().item()
+                    if not diff <= atol:
+                        raise ValueError(f"trace differs from eager by {diff:.3g} at batch {B}")
+        except Exception as exc:  # noqa: BLE001 - an untraceable encoder still serves, eagerly
+            done.append(f"{name}: eager ({type(exc).__name__}: {exc})")
+            continue
+        branch.encoder = traced
+        done.append(f"{name}: traced")
+    return "; ".join(done)
