@@ -25,6 +25,15 @@ from odmt_t4r.training.synthetic import make_synthetic_prepared
 SMALL = dict(d_model=16, n_heads=2, imt_layers=1, seq_layers=1)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    # tiny tensors: a second OpenMP thread only adds waiting, badly so on a busy 2-core machine
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return make_synthetic_prepared(tmp_path_factory.mktemp("prepared"), n_users=24, n_items=20, max_length=6,

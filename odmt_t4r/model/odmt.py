@@ -31,6 +31,9 @@ from .peer_distillation import PeerDistillationTask, fuse
 from .prepared import PreparedInfo, read_prepared
 
 MODEL_FORMAT = "odmt-model/1"
+# loss="auto": full softmax up to this many items; above it the in-batch sampled softmax of the official
+# code, because a full softmax must run the item tower over the whole catalog at every step
+AUTO_FULL_SOFTMAX_MAX_ITEMS = 2048
 
 
 @dataclass
@@ -55,7 +58,7 @@ class OdmtConfig:
     seq_dropout: float = 0.2
     id_init: str = "content"  # "content" | "xavier"
     # objective
-    loss: str = "full"  # "full" softmax over the catalog | "in_batch" sampled softmax with logQ correction
+    loss: str = "full"  # "full" softmax | "in_batch" sampled softmax with logQ correction ("auto" picks in from_prepared)
     tau: float = 0.4
     kd_weight: float = 1.0
     ramp_epochs: float = 5.0
@@ -151,6 +154,9 @@ class OdmtRecommender(nn.Module):
         if name not in model_registry:
             raise ValueError(f"unknown model '{name}'; choose one of {sorted(model_registry)}")
         settings = {**overrides, **model_registry[name], "name": name}
+        if settings.get("loss", "auto") == "auto":
+            n_items = info.n_index - RESERVED_ROWS
+            settings["loss"] = "full" if n_items <= AUTO_FULL_SOFTMAX_MAX_ITEMS else "in_batch"
         wanted = settings.get("modalities") or info.modalities
         missing = [m for m in wanted if m not in info.modalities]
         if missing:

@@ -48,6 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", choices=["valid", "test"], default="test")
     p.add_argument("--data", default=None, help="the prepared DIR (default: the one the RUN was trained on)")
     p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -66,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     if trained_on and trained_on != data.info.manifest_sha256:
         print(f"odmt evaluate: warning: {data.root} is not the prepared data this RUN was trained on "
               "(manifest hash differs)", file=sys.stderr)
+    torch.set_num_threads(max(1, args.threads))
     t0 = time.perf_counter()
     model = OdmtRecommender.from_pretrained(run_dir, data_dir=data_dir)
     metrics = evaluate_model(model, data, args.split, args.batch_size, progress=not args.no_progress)
