@@ -25,13 +25,7 @@ from odmt_t4r.training.synthetic import make_synthetic_prepared
 SMALL = dict(d_model=16, n_heads=2, imt_layers=1, seq_layers=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # tiny tensors: a second OpenMP thread only adds waiting, badly so on a busy 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

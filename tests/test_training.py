@@ -16,13 +16,7 @@ FAST = {"d_model": 16, "n_heads": 2, "imt_layers": 1, "seq_layers": 1, "batch_si
         "modalities": ["id", "text"], "progress": False, "patience": 100}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # tiny tensors: a second OpenMP thread only adds waiting, badly so on a busy 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

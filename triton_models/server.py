@@ -305,11 +305,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Standalone entry point: skips the `odmt` dispatcher, which imports every stage (torch, merlin).
-    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name if __spec__ else __name__}",
-                                     description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """`python -m triton_models.server` = `odmt serve`."""
+    from odmt_t4r.cli import main as odmt_main
+    return odmt_main(["serve", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
