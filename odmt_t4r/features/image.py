@@ -69,7 +69,7 @@ class EfficientNetLiteImageEncoder:
 
         # image_size fixes the TF-style "SAME" padding of every conv for this input side
         model = EfficientNet.from_name("efficientnet-lite0", image_size=self.image_size)
-        model.load_state_dict(torch.load(self.weights, map_location="cpu"), strict=True)
+        model.load_state_dict(torch.load(self.weights, map_location="cpu", weights_only=True), strict=True)  # a file we did not write
         # channels-last: about 40% less CPU time for the depthwise convs, same numbers to float rounding
         self._model = fold_batch_norms(model.eval()).to(self.device, memory_format=torch.channels_last)
 
