@@ -20,7 +20,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -44,7 +44,6 @@ class PrepareConfig:
     image_size: int = 128
     partitions: int = 1  # >1 splits the interactions into Dask partitions (shuffled by user first)
     dask_workers: int = 0  # >0 starts a local dask.distributed cluster with this many workers
-    extra: dict = field(default_factory=dict)
 
 
 def _step(msg: str) -> float:
@@ -123,7 +122,7 @@ def _prepare(cfg: PrepareConfig) -> dict:
         split_rows = {}
         for split in W.SPLITS:
             splits[split].to_parquet(str(stage / split), out_files_per_proc=1)
-            split_rows[split] = len(_read_split(stage / split, [W.USER_IDX]))
+            split_rows[split] = len(read_split(stage / split, [W.USER_IDX]))
             _step(f"  {split}: {split_rows[split]:,} rows")
         for name, wf in workflows.items():
             wf.save(str(stage / "workflows" / name))
@@ -137,7 +136,7 @@ def _prepare(cfg: PrepareConfig) -> dict:
     inf.save(str(stage / "workflows" / "inference"))
 
     items = _item_table(raw.items, vocab, stage)
-    train_items = _read_split(stage / "train", [W.ITEM_LIST])[W.ITEM_LIST]
+    train_items = read_split(stage / "train", [W.ITEM_LIST])[W.ITEM_LIST]
     counts = pd.Series(pd.Series(list(train_items)).explode().dropna().astype("int64")).value_counts()
     items["train_count"] = items["item_idx"].map(counts).fillna(0).astype("int64")
     items.to_parquet(stage / "items.parquet", index=False)
@@ -156,7 +155,7 @@ def _prepare(cfg: PrepareConfig) -> dict:
         feature_manifest = build_item_features(abs_items, n_index, stage / "features", fcfg)
         _step(f"  done ({time.perf_counter() - t:.1f}s)")
 
-    seq_len = _read_split(stage / "test", [W.SEEN_LIST])[W.SEEN_LIST].map(len) + 1
+    seq_len = read_split(stage / "test", [W.SEEN_LIST])[W.SEEN_LIST].map(len) + 1
     manifest = {
         "format": FORMAT,
         "source": cfg.source,
@@ -190,9 +189,6 @@ def read_split(folder: Path, columns: list[str] | None = None) -> pd.DataFrame:
     """A split folder's parquet parts in order (the folder also holds NVTabular's schema files)."""
     parts = sorted(Path(folder).glob("*.parquet"))
     return pd.concat([pd.read_parquet(p, columns=columns) for p in parts], ignore_index=True)
-
-
-_read_split = read_split
 
 
 def _item_table(items: pd.DataFrame, vocab: pd.Series, stage: Path) -> pd.DataFrame:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import nvtabular as nvt
-from merlin.schema import Schema, Tags
+from merlin.schema import Tags
 from nvtabular import ops
 
 from workflows.ops import Groupby, ListSlice, TrainingWindows
@@ -101,11 +101,6 @@ def inference_workflow(item_vocab: pd.Series, cfg: SessionConfig, categories_dir
     out = [ITEM_LIST] >> ops.Categorify(vocabs={ITEM_LIST: vocab}, out_path=categories_dir) \
         >> ListSlice(-cfg.max_length) >> ops.AddTags(ITEM_TAGS)
     return nvt.Workflow(out)
-
-
-def inference_input_schema() -> Schema:
-    from merlin.schema import ColumnSchema
-    return Schema([ColumnSchema(ITEM_LIST, dtype=str, is_list=True, is_ragged=True)])
 
 
 def run_session_workflows(interactions: nvt.Dataset, item_vocab: pd.Series, cfg: SessionConfig,
