@@ -153,7 +153,7 @@ def test_total_loss_is_branch_ces_plus_weighted_kd(data_dir):
     torch.manual_seed(0)
     model = build_model("odmt", data_dir, **SMALL).eval()  # eval: no dropout, so two calls agree
     out = model(batch_rows(), epoch=2)
-    w = kd_ramp(2, 5)
+    w = model.config.kd_weight * kd_ramp(2, 5)
     assert out["kd_weight"] == pytest.approx(w)
     ces = sum(out["losses"][b] for b in ("id", "text", "image"))
     assert out["loss"].item() == pytest.approx((ces + w * out["losses"]["kd"]).item(), rel=1e-5)

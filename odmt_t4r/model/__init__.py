@@ -8,7 +8,7 @@
 
 from .branch import Branch, SequenceEncoderConfig, sequence_encoder
 from .item_tower import ITEM_TOWERS, IdAwareMultiModalTransformer, IndependentItemTower, ItemTowerConfig
-from .modality_store import ModalityStore
+from .modality_store import ModalityStore, TokenLayout
 from .odmt import (
     OdmtConfig,
     OdmtRecommender,
@@ -25,6 +25,7 @@ __all__ = [
     "Branch", "SequenceEncoderConfig", "sequence_encoder",
     "ITEM_TOWERS", "IdAwareMultiModalTransformer", "IndependentItemTower", "ItemTowerConfig",
     "ModalityStore",
+    "TokenLayout",
     "OdmtConfig", "OdmtRecommender", "build_model", "clip_history", "history_and_target", "model_registry",
     "split_targets",
     "PeerDistillationTask", "fuse", "kd_ramp", "soft_cross_entropy", "teacher_map",

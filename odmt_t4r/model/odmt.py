@@ -26,7 +26,7 @@ from torch import nn
 
 from .branch import Branch, SequenceEncoderConfig
 from .item_tower import ITEM_TOWERS, RESERVED_ROWS, ItemTowerConfig
-from .modality_store import ModalityStore
+from .modality_store import ModalityStore, TokenLayout
 from .peer_distillation import PeerDistillationTask, fuse
 from .prepared import PreparedInfo, read_prepared
 
@@ -53,6 +53,10 @@ class OdmtConfig:
     n_heads: int = 2
     imt_layers: int = 2
     imt_dropout: float = 0.1
+    # content tokens per item the IMT reads besides the summary/CLS (pooled frozen features, see
+    # TokenLayout); -1 = every stored token (the paper's 30 text + 50 image). The IMT's cost is items x tokens.
+    text_tokens: int = 8
+    image_tokens: int = 4
     seq_encoder: str = "gpt2"  # "gpt2" | "xlnet"
     seq_layers: int = 2
     seq_dropout: float = 0.2
@@ -60,7 +64,7 @@ class OdmtConfig:
     # objective
     loss: str = "full"  # "full" softmax | "in_batch" sampled softmax with logQ correction ("auto" picks in from_prepared)
     tau: float = 0.4
-    kd_weight: float = 1.0
+    kd_weight: float = 0.2  # see TrainConfig.kd_weight
     ramp_epochs: float = 5.0
 
     @property
@@ -80,9 +84,13 @@ class OdmtConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {allowed}")
+        self.token_layout()  # raises on a bad token count
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         return self
+
+    def token_layout(self) -> TokenLayout:
+        return TokenLayout.from_counts(self.text_tokens, self.image_tokens)
 
     @classmethod
     def from_dict(cls, d: dict) -> "OdmtConfig":
@@ -162,11 +170,12 @@ class OdmtRecommender(nn.Module):
         if missing:
             raise ValueError(f"{info.root} has no features for {missing}; it offers {info.modalities}")
         content = [m for m in wanted if m != "id"]
-        store = ModalityStore.load(info.features_dir, content) if content else None
         config = OdmtConfig.from_dict({
             **settings, "n_index": info.n_index, "max_length": info.max_length, "item_column": info.item_column,
-            "modalities": list(wanted), "feature_dims": {m: store.dim(m) for m in content},
+            "modalities": list(wanted),
         })
+        store = ModalityStore.load(info.features_dir, content, layout=config.token_layout()) if content else None
+        config.feature_dims = {m: store.dim(m) for m in content}
         model = cls(config, store)
         if config.id_init == "content":
             model.item_tower.init_id_from_content()
@@ -303,7 +312,7 @@ class OdmtRecommender(nn.Module):
         features = Path(data_dir) / "features" if data_dir else None
         store = None
         if content and features is not None and all((features / f"{m}.npy").is_file() for m in content):
-            store = ModalityStore.load(features, content)
+            store = ModalityStore.load(features, content, layout=config.token_layout())
         model = cls(config, store)
         state = torch.load(path / "model.pt", map_location=map_location, weights_only=True)
         model.load_state_dict(state)
