@@ -18,7 +18,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -53,18 +52,26 @@ def one_run(dataset: str, model: str, seed: int, data: Path, work: Path, epochs:
     run = work / "runs" / dataset / f"{model}-s{seed}"
     done = run / "metrics-test.json"
     if done.is_file():
-        return json.loads(done.read_text())
-    t0 = time.perf_counter()
-    resume = (run / "checkpoint.pt").is_file()
+        finished = json.loads(done.read_text())
+        if finished.get("stopped_early") or finished.get("epochs_run", epochs) >= epochs:
+            return finished
+        done.unlink()  # it ran fewer epochs than this budget and had not stopped early: continue it
+    resume = (run / "checkpoint.pt").is_file()  # an interrupted run, or one given a bigger budget
     cfg = TrainConfig(model=model, seed=seed, epochs=epochs, patience=patience, progress=False, threads=1)
-    summary = train_run(cfg, data, run, resume=resume,
+    summary = train_run(cfg, data, run, resume=resume, epochs=epochs,
                         log=lambda m: print(f"  [{dataset} {model} s{seed}] {m}", flush=True))
     metrics = evaluate_model(OdmtRecommender.from_pretrained(run, data_dir=data), PreparedData(data), "test")
     metrics.update(dataset=dataset, model=model, seed=seed, best_epoch=summary["best_epoch"],
-                   epochs_run=summary["epochs_run"], epochs_cap=epochs, patience=patience,
-                   train_seconds=round(time.perf_counter() - t0, 1))
+                   epochs_run=summary["epochs_run"], stopped_early=summary["stopped"], epochs_cap=epochs,
+                   patience=patience, train_seconds=_logged_seconds(run))
     done.write_text(json.dumps(metrics, indent=2, default=str))
     return metrics
+
+
+def _logged_seconds(run: Path) -> float:
+    """Training + validation time of every epoch in RUN/log.jsonl (across resumes)."""
+    lines = (run / "log.jsonl").read_text().splitlines()
+    return round(sum(json.loads(line)["seconds"] for line in lines if line.strip()), 1)
 
 
 def aggregate(runs: list[dict]) -> dict:
@@ -130,12 +137,14 @@ def main() -> None:
     ap.add_argument("--datasets", nargs="+", default=["ml-100k", "fashion"])
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--epochs", nargs="+", default=["ml-100k=20", "fashion=12"],
+    ap.add_argument("--epochs", nargs="+", default=["ml-100k=30", "fashion=20"],
                     help="epoch cap, the same for every model: N, or DATASET=N per dataset")
     ap.add_argument("--patience", type=int, default=5, help="early-stopping patience on valid NDCG@10")
     ap.add_argument("--jobs", type=int, default=1, help="runs trained at once, one torch thread each")
     ap.add_argument("--work", default=str(Path(__file__).parent / "work"))
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--report-only", action="store_true",
+                    help="train nothing: tabulate the runs already finished in WORK (a partial benchmark)")
     args = ap.parse_args()
     work = Path(args.work)
     caps = epoch_caps(args.epochs, args.datasets)
@@ -144,6 +153,10 @@ def main() -> None:
         data = prepared(ds, work)
         for seed in args.seeds:
             jobs += [(ds, model, seed, data, work, caps[ds], args.patience) for model in args.models]
+    if args.report_only:
+        done = [j for j in jobs if (work / "runs" / j[0] / f"{j[1]}-s{j[2]}" / "metrics-test.json").is_file()]
+        print(f"report only: {len(done)} of {len(jobs)} runs finished")
+        jobs = done
     runs = []
     # seed by seed (a partial benchmark still compares every model), the slow IMT runs first in each
     jobs.sort(key=lambda j: (j[2], j[1] not in ("odmt", "odmt-no-kd"), j[1] != "odmt-no-imt"))

@@ -2,7 +2,8 @@
 batch, interleaved in one run (medians of the repeats), plus the time our sasrec needs to reach the RecBole
 SASRec anchor's NDCG@10 on ml-100k.
 
-    .venv/bin/python benchmarks/train_speed.py [--data ml-100k] [--steps 5] [--repeats 3] [--loss full in_batch]
+    .venv/bin/python benchmarks/train_speed.py [--data ml-100k fashion] [--steps 5] [--repeats 3]
+                                               [--loss full in_batch] [--batch 128] [--threads 1]
 
 Writes benchmarks/results/train_speed.json. Anchor (issue 3): RecBole SASRec on ml-100k on one core here
 reached its best epoch (6) after about 6 x 2.2 = 13.2 minutes; goal: our sasrec reaches the same
@@ -35,13 +36,13 @@ def _prepared(source: str, work: Path) -> Path:
     return out
 
 
-def step_rates(data_dir: Path, losses: list[str], steps: int, repeats: int, batch: int) -> dict:
+def step_rates(data_dir: Path, losses: list[str], steps: int, repeats: int, batch: int, threads: int) -> dict:
     import torch
     from odmt_t4r.model import build_model
     from odmt_t4r.training.data import PreparedData
 
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     data = PreparedData(data_dir)
     batches = []
     for b in data.batches("train", batch, shuffle=True, seed=0):
@@ -69,8 +70,10 @@ def step_rates(data_dir: Path, losses: list[str], steps: int, repeats: int, batc
                 opt.step()
             times[name].append(time.perf_counter() - t)
     rates = {n: round(len(batches) * batch / statistics.median(ts), 1) for n, ts in times.items()}
-    out = {"samples_per_s": rates, "batch": batch, "steps": len(batches), "repeats": repeats,
-           "max_length": data.max_length, "n_items": data.info.n_index - 3}
+    # the in-batch tower runs on each batch's unique history and target items, not the catalog
+    unique = statistics.median(len(torch.unique(b[b > 0])) for b in batches)
+    out = {"samples_per_s": rates, "batch": batch, "steps": len(batches), "repeats": repeats, "threads": threads,
+           "max_length": data.max_length, "n_items": data.info.n_index - 3, "unique_items_per_batch": unique}
     for loss in losses:
         out[f"odmt_step_cost_over_sasrec[{loss}]"] = round(rates[f"sasrec[{loss}]"] / rates[f"odmt[{loss}]"], 2)
     return out
@@ -97,20 +100,23 @@ def time_to_anchor(data_dir: Path, work: Path, epochs: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", nargs="+", default=["ml-100k"], help="prepared DIRs or source names")
+    ap.add_argument("--data", nargs="+", default=["ml-100k", "fashion"], help="prepared DIRs or source names")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=None, help="default: TrainConfig's batch size")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (TrainConfig's default is 1)")
     ap.add_argument("--loss", nargs="+", default=["full", "in_batch"])
     ap.add_argument("--anchor-epochs", type=int, default=15)
     ap.add_argument("--work", default=str(Path(__file__).parent / "work"))
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     work = Path(args.work)
+    from odmt_t4r.training.train import TrainConfig
+    batch = args.batch or TrainConfig().batch_size
     result = {"benchmark": "train_speed", "datasets": {}}
     for d in args.data:
         data_dir = Path(d) if Path(d).is_dir() else _prepared(d, work)
-        r = step_rates(data_dir, args.loss, args.steps, args.repeats, args.batch)
+        r = step_rates(data_dir, args.loss, args.steps, args.repeats, batch, args.threads)
         result["datasets"][d] = r
         print(json.dumps({d: r}), flush=True)
     ml = Path("ml-100k") if Path("ml-100k").is_dir() else _prepared("ml-100k", work)
