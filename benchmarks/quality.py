@@ -2,7 +2,7 @@
 the same training budget and 3 seeds each, test split, full ranking with the user's earlier items excluded.
 
     .venv/bin/python benchmarks/quality.py [--datasets ml-100k fashion] [--models ...] [--seeds 0 1 2]
-                                           [--epochs 20] [--patience 5] [--jobs 2] [--work benchmarks/work]
+                                           [--epochs ml-100k=30 fashion=20] [--patience 5] [--jobs 2] [--work benchmarks/work]
 
 Each (dataset, model, seed) trains into WORK/runs/<dataset>/<model>-s<seed>; a finished run is reused
 (and an unfinished one resumed), so an interrupted benchmark continues where it stopped. `--jobs N` trains
@@ -43,13 +43,17 @@ def prepared(dataset: str, work: Path) -> Path:
     return out
 
 
+def run_dir(work: Path, dataset: str, model: str, seed: int) -> Path:
+    return work / "runs" / dataset / f"{model}-s{seed}"
+
+
 def one_run(dataset: str, model: str, seed: int, data: Path, work: Path, epochs: int, patience: int) -> dict:
     from odmt_t4r.model import OdmtRecommender
     from odmt_t4r.training.data import PreparedData
     from odmt_t4r.training.evaluate import evaluate_model
     from odmt_t4r.training.train import TrainConfig, train_run
 
-    run = work / "runs" / dataset / f"{model}-s{seed}"
+    run = run_dir(work, dataset, model, seed)
     done = run / "metrics-test.json"
     if done.is_file():
         finished = json.loads(done.read_text())
@@ -154,7 +158,7 @@ def main() -> None:
         for seed in args.seeds:
             jobs += [(ds, model, seed, data, work, caps[ds], args.patience) for model in args.models]
     if args.report_only:
-        done = [j for j in jobs if (work / "runs" / j[0] / f"{j[1]}-s{j[2]}" / "metrics-test.json").is_file()]
+        done = [j for j in jobs if (run_dir(work, *j[:3]) / "metrics-test.json").is_file()]
         print(f"report only: {len(done)} of {len(jobs)} runs finished")
         jobs = done
     runs = []
@@ -162,8 +166,7 @@ def main() -> None:
     jobs.sort(key=lambda j: (j[2], j[1] not in ("odmt", "odmt-no-kd"), j[1] != "odmt-no-imt"))
     if args.jobs > 1:
         import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-        from concurrent.futures import as_completed
+        from concurrent.futures import ProcessPoolExecutor, as_completed
         with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
             for future in as_completed([pool.submit(_one_run_job, j) for j in jobs]):
                 runs.append(_report(future.result()))

@@ -114,13 +114,9 @@ class ModalityStore:
         if len(n) > 1:
             raise ValueError(f"feature arrays disagree on the number of rows: {sorted(n)}")
         self.n_index = n.pop() if n else 0
-        if self._torch is not None:  # pool once: the features are frozen, so the layout never changes
+        if self._torch is not None and self.n_index:  # pool once: the features are frozen
             parts = [self._raw(torch.arange(s, min(self.n_index, s + chunk))) for s in range(0, self.n_index, chunk)]
-            self._torch = {k: torch.cat([p[k] for p in parts]).to(self._torch[k].dtype) for k in self._torch} if parts \
-                else self._torch
-            self._pooled = True
-        else:
-            self._pooled = False
+            self._torch = {k: torch.cat([p[k] for p in parts]).to(t.dtype) for k, t in self._torch.items()}
 
     @classmethod
     def load(cls, features_dir: str | os.PathLike, modalities: list[str] | None = None,
@@ -160,7 +156,7 @@ class ModalityStore:
         """item_idx [U] -> {"text": [U T Dt], "text_mask": [U T], "image": [U P Di], "image_mask": [U]} in the
         layout; `n_tokens` keeps only each modality's first tokens (1 = the summary / CLS only)."""
         idx = item_idx.detach().cpu().long()
-        if self._pooled:
+        if self._torch is not None:  # in RAM: pooled into the layout at load; memory-mapped: pooled per lookup
             out = {k: (t[idx].float() if k in CONTENT_MODALITIES else t[idx].bool()) for k, t in self._torch.items()}
         else:
             out = self._raw(idx)
