@@ -20,7 +20,7 @@ from odmt_t4r.model import (
     split_targets,
     teacher_map,
 )
-from odmt_t4r.training.synthetic import make_synthetic_prepared
+from tests.synthetic import make_synthetic_prepared
 
 SMALL = dict(d_model=16, n_heads=2, imt_layers=1, seq_layers=1)
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from odmt_t4r.model import ModalityStore, TokenLayout, build_model
-from odmt_t4r.training.synthetic import make_synthetic_prepared
+from tests.synthetic import make_synthetic_prepared
 
 
 def text_item():

@@ -10,7 +10,7 @@ from odmt_t4r.model import OdmtRecommender, build_model, history_and_target
 from odmt_t4r.training import evaluate, train
 from odmt_t4r.training.data import PreparedData, pad_ragged
 from odmt_t4r.training.metrics import hr_ndcg, target_ranks
-from odmt_t4r.training.synthetic import make_synthetic_prepared
+from tests.synthetic import make_synthetic_prepared
 
 FAST = {"d_model": 16, "n_heads": 2, "imt_layers": 1, "seq_layers": 1, "batch_size": 32, "eval_batch_size": 64,
         "modalities": ["id", "text"], "progress": False, "patience": 100}

@@ -1,4 +1,4 @@
-"""A tiny prepared DIR that follows the `odmt prepare` contract, for tests and smoke runs.
+"""A tiny prepared DIR that follows the `odmt prepare` contract, for tests only (not shipped in the package).
 
 Users walk a hidden item order (item k is usually followed by item k+1, sometimes by a jump), so a
 sequence model can learn it; text/image features are random but fixed per item. Files written:
