@@ -1,5 +1,9 @@
 """`odmt` command line. Each subcommand lives in its own module exposing `add_arguments(parser)` and
-`run(args) -> int`, so stages stay independent (prepare, train, evaluate, export, serve, recommend)."""
+`run(args) -> int`, so stages stay independent (prepare, train, evaluate, export, serve, recommend).
+
+Errors: whatever a stage raises ends as one last stderr line `odmt <command>: error: ...` and exit code
+2 (a message's further lines, such as a sample of offending rows, come before it); `--debug` adds the
+traceback."""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import argparse
 import importlib
 import os
 import sys
+import traceback
 import warnings
 
 # name -> (module, one-line help)
@@ -18,6 +23,9 @@ COMMANDS = {
     "serve": ("triton_models.server", "start a real Triton server on a model repository"),
     "recommend": ("triton_models.client", "ask a running server for recommendations"),
 }
+
+# Bad input, missing or misplaced files: the message is the whole story. Anything else is a bug.
+USER_ERRORS = (ValueError, OSError)
 
 
 def _quiet_imports() -> None:
@@ -31,11 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_imports()
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="odmt", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     chosen = next((a for a in argv if not a.startswith("-")), None)
     module = None
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
+        # also accepted after the command; SUPPRESS keeps a `odmt --debug <command>` from being reset
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="print the traceback of an error")
         if name == chosen:  # import only the chosen stage: torch and Merlin imports take seconds
             module = importlib.import_module(module_name)
             module.add_arguments(p)
@@ -45,6 +56,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        return report_error(args.command, exc, debug=args.debug)
+
+
+def report_error(command: str, exc: BaseException, debug: bool = False) -> int:
+    """Prints `exc` so that stderr ends with one line `odmt <command>: error: ...`; returns exit code 2."""
+    if debug:
+        traceback.print_exc()
+    headline, _, details = (str(exc).strip() or type(exc).__name__).partition("\n")
+    if details:
+        print(details, file=sys.stderr)
+    if not isinstance(exc, USER_ERRORS):
+        headline = f"unexpected {type(exc).__name__}: {headline}" + ("" if debug else " (rerun with --debug for the traceback)")
+    print(f"odmt {command}: error: {headline}", file=sys.stderr, flush=True)
+    return 2
 
 
 if __name__ == "__main__":

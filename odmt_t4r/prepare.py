@@ -34,6 +34,7 @@ class PrepareConfig:
     out: str = "data/fashion"
     interactions: str | None = None  # csv / parquet sources
     items: str | None = None
+    timestamp_format: str | None = None  # csv / parquet: a strftime format, or epoch-s / epoch-ms; None = detect
     max_length: int = 20  # history length the model sees (the paper uses 12 on its short histories)
     min_interactions: int = 3
     seed: int = 0  # fashion generator
@@ -44,6 +45,24 @@ class PrepareConfig:
     image_size: int = 128
     partitions: int = 1  # >1 splits the interactions into Dask partitions (shuffled by user first)
     dask_workers: int = 0  # >0 starts a local dask.distributed cluster with this many workers
+
+    def validate(self) -> None:
+        """Refuses, before any work, settings that would fail later or be silently ignored."""
+        from odmt_t4r.data.base import EPOCH_UNITS
+
+        for name in ("max_length", "partitions", "max_text_tokens", "image_size", "n_items"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.dask_workers < 0:
+            raise ValueError(f"--dask-workers must be 0 or more, got {self.dask_workers}")
+        if self.min_interactions < 3:
+            raise ValueError(f"min_interactions must be at least 3 (a train item, a validation and a test target), got {self.min_interactions}")
+        if self.source not in ("csv", "parquet") and (self.interactions or self.items or self.timestamp_format):
+            raise ValueError(f"--interactions, --items and --timestamp-format apply to the csv and parquet sources, not '{self.source}'")
+        fmt = self.timestamp_format
+        if fmt is not None and fmt not in EPOCH_UNITS and "%" not in fmt:
+            raise ValueError(f"--timestamp-format {fmt!r} is neither a strftime format (e.g. '%d/%m/%Y %H:%M') nor epoch-s / epoch-ms")
 
 
 def _step(msg: str) -> float:
@@ -82,6 +101,7 @@ def _versions() -> dict[str, str]:
 def prepare(cfg: PrepareConfig) -> dict:
     """Runs the whole stage; returns the manifest. Work happens in DIR.partial and replaces DIR only
     on success; on failure the partial folder is removed and an earlier DIR is left as it was."""
+    cfg.validate()
     stage = Path(cfg.out).resolve()
     stage = stage.with_name(stage.name + ".partial")
     try:
@@ -103,7 +123,9 @@ def _prepare(cfg: PrepareConfig) -> dict:
     stage.mkdir(parents=True)
     t0 = _step(f"loading source '{cfg.source}'")
     raw = load_source(cfg.source, interactions=cfg.interactions, items=cfg.items, seed=cfg.seed,
-                      n_items=cfg.n_items, fashion_mnist_dir=cfg.fashion_mnist_dir, workdir=str(stage))
+                      n_items=cfg.n_items, fashion_mnist_dir=cfg.fashion_mnist_dir, workdir=str(stage),
+                      timestamp_format=cfg.timestamp_format)
+    raw.check_history_lengths(cfg.min_interactions)
     inter = raw.interactions.copy()
     inter[W.ROW_COL] = range(len(inter))  # input-file order: the tiebreak for equal timestamps
     _step(f"  {len(inter):,} interactions, {inter.user_id.nunique():,} users, {len(raw.items):,} catalog items "
@@ -215,6 +237,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder DIR (replaced only when preparation succeeds)")
     p.add_argument("--interactions", help="csv/parquet: user_id (or session_id), item_id, timestamp")
     p.add_argument("--items", help="csv/parquet: item_id, optional text, optional image (file path)")
+    p.add_argument("--timestamp-format", default=None,
+                   help="csv/parquet: the timestamp column's strftime format (e.g. '%%d/%%m/%%Y %%H:%%M'), or epoch-s / "
+                        "epoch-ms; default: epoch seconds or milliseconds (by magnitude) or ISO 8601")
     p.add_argument("--max-length", type=int, default=d.max_length)
     p.add_argument("--seed", type=int, default=d.seed, help="fashion generator seed")
     p.add_argument("--n-items", type=int, default=None, help="fashion catalog size")
@@ -227,18 +252,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from odmt_t4r.data import DataValidationError
-
     cfg = PrepareConfig(source=args.source, out=args.out, interactions=args.interactions, items=args.items,
+                        timestamp_format=args.timestamp_format,
                         max_length=args.max_length, seed=args.seed, n_items=args.n_items,
                         fashion_mnist_dir=args.fashion_mnist_dir, features=not args.no_features,
                         max_text_tokens=args.max_text_tokens, image_size=args.image_size,
                         partitions=args.partitions, dask_workers=args.dask_workers)
-    try:
-        manifest = prepare(cfg)
-    except (DataValidationError, FileNotFoundError, ValueError) as exc:
-        print(f"odmt prepare: error: {exc}", file=sys.stderr)
-        return 2
+    manifest = prepare(cfg)  # errors: one `odmt prepare: error:` line from odmt_t4r.cli
     print(summary(manifest))
     print(f"wrote {Path(cfg.out).resolve()}")
     return 0

@@ -1,19 +1,31 @@
 """The raw-data contract every source returns, and its validation.
 
-Interactions: `user_id`, `item_id`, `timestamp` (int64 seconds), in input-file row order (the
-evaluation tie rule keeps that order for equal timestamps). Items: `item_id` plus optional `text`
-and `image` (a path to an image file). IDs are normalised to strings so that requests and answers
-speak the user's raw IDs whatever their original type.
+Interactions: `user_id`, `item_id`, `timestamp` (int64 epoch milliseconds, so millisecond inputs keep
+their order), in input-file row order (the evaluation tie rule keeps that order for equal timestamps).
+Items: `item_id` plus optional `text` and `image` (a path to an image file). IDs are strings, exactly
+as written (see `as_id_strings`), so requests and answers speak the user's raw IDs.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 INTERACTION_COLUMNS = ("user_id", "item_id", "timestamp")
+ID_COLUMNS = ("user_id", "session_id", "item_id")
+TIMESTAMP_FLAG = "--timestamp-format"
+EPOCH_UNITS = {"epoch-s": 1000, "epoch-ms": 1}  # --timestamp-format values for numbers: milliseconds per unit
+_MS_FROM = 1e11  # epoch seconds reach this in year 5138, epoch milliseconds in 1973: the unit is unambiguous
+_MS_UNTIL = 1e14  # year 5138 in milliseconds; larger numbers are micro- or nanoseconds
+_NUMBER = r"[+-]?\d+(?:\.\d*)?"
+_ISO_8601 = r"\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?)?(?: ?(?:Z|[+-]\d{2}(?::?\d{2})?))?"
+_DAY_MONTH = r"\d{1,4}[/.-]\d{1,2}[/.-]\d{1,4}(?:[T ,].*)?"
+ACCEPTED_TIMESTAMPS = (f"accepted: epoch seconds or milliseconds, ISO 8601 (2024-03-04 or 2024-03-04T10:15:00Z), "
+                       f"or the format given with {TIMESTAMP_FLAG} (strftime, e.g. '%d/%m/%Y %H:%M', or epoch-s / epoch-ms)")
 MODALITIES = ("text", "image")
 _SAMPLE_ROWS = 5
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
@@ -51,9 +63,9 @@ class RawData:
         """The branches this data supports: always `id`, plus each content column present."""
         return ["id"] + [m for m in MODALITIES if m in self.items.columns and self.items[m].notna().any()]
 
-    def validate(self, check_images: bool = True) -> "RawData":
+    def validate(self, check_images: bool = True, timestamp_format: str | None = None) -> "RawData":
         """Normalises dtypes and raises DataValidationError on anything a later stage would trip on."""
-        self.interactions = validate_interactions(self.interactions, self.interactions_path)
+        self.interactions = validate_interactions(self.interactions, self.interactions_path, timestamp_format)
         self.items = validate_items(self.items, self.items_path, check_images=check_images, notes=self.notes)
         unknown = ~self.interactions["item_id"].isin(self.items["item_id"])
         if unknown.any():
@@ -64,45 +76,109 @@ class RawData:
             )
         return self
 
+    def check_history_lengths(self, min_interactions: int) -> None:
+        """Leave-one-out needs users with `min_interactions` or more; users below it are left out,
+        but when that is every user nothing is left to train or evaluate on."""
+        counts = self.interactions["user_id"].value_counts(sort=False)
+        if (counts >= min_interactions).any():
+            return
+        raise DataValidationError(
+            self.interactions_path, "user_id",
+            f"every user has fewer than {min_interactions} interactions (the longest has {int(counts.max())}); "
+            "leave-one-out needs one to train on, a validation target and a test target",
+            counts.rename("interactions").rename_axis("user_id").reset_index(),
+        )
 
-def validate_interactions(df: pd.DataFrame, path: str) -> pd.DataFrame:
+
+def validate_interactions(df: pd.DataFrame, path: str, timestamp_format: str | None = None) -> pd.DataFrame:
     df = df.copy()
     if "user_id" not in df.columns and "session_id" in df.columns:
         df = df.rename(columns={"session_id": "user_id"})
     missing = [c for c in INTERACTION_COLUMNS if c not in df.columns]
     if missing:
         raise DataValidationError(path, missing[0], f"missing required column(s) {missing}; found {list(df.columns)}")
+    if df.empty:
+        raise DataValidationError(path, None, "has no interaction rows (only a header?)")
     for col in ("user_id", "item_id"):
-        bad = df[col].isna()
-        if bad.any():
-            raise DataValidationError(path, col, f"{int(bad.sum())} rows have a null ID", df[bad])
-        df[col] = _as_id_strings(df[col])
-    df["timestamp"] = parse_timestamps(df["timestamp"], path)
+        df[col] = _checked_ids(df[col], path, col, "rows")
+    df["timestamp"] = parse_timestamps(df["timestamp"], path, timestamp_format)
     return df[list(INTERACTION_COLUMNS)].reset_index(drop=True)
 
 
-def parse_timestamps(ts: pd.Series, path: str) -> pd.Series:
-    """Numbers are taken as epoch seconds; strings are parsed as dates. Returns int64 seconds."""
-    if pd.api.types.is_numeric_dtype(ts):
-        bad = ts.isna() | ~pd.Series(pd.notna(ts) & (ts.abs() < 1e13), index=ts.index)
-        if bad.any():
-            raise DataValidationError(path, "timestamp", f"{int(bad.sum())} unparsable timestamps", ts[bad].to_frame())
-        return ts.astype("int64")
-    parsed = pd.to_datetime(ts, errors="coerce", utc=True)
+def parse_timestamps(ts: pd.Series, path: str, timestamp_format: str | None = None) -> pd.Series:
+    """Returns int64 epoch milliseconds. Accepted, one format per column: numbers (epoch seconds, or
+    milliseconds when every value is >= 1e11), ISO 8601 strings, datetime columns (naive = UTC), or an
+    explicit `timestamp_format`: a strftime format, or epoch-s / epoch-ms. Strings such as 03/04/2024
+    are refused without a format: their day/month order is ambiguous."""
+    if pd.api.types.is_datetime64_any_dtype(ts):
+        return _datetimes_to_ms(pd.to_datetime(ts, utc=True), ts, path, "missing timestamps")
+    if timestamp_format in EPOCH_UNITS:
+        return _epoch_ms(_as_strings(ts).str.strip(), ts, path, EPOCH_UNITS[timestamp_format])
+    if timestamp_format:
+        parsed = pd.to_datetime(_as_strings(ts).str.strip(), format=timestamp_format, errors="coerce", utc=True)
+        return _datetimes_to_ms(parsed, ts, path, f"timestamps do not match {TIMESTAMP_FLAG} {timestamp_format!r}")
+    if pd.api.types.is_numeric_dtype(ts) and not pd.api.types.is_bool_dtype(ts):
+        return _epoch_ms(ts, ts, path)
+    text = _as_strings(ts).str.strip()
+    kinds = _timestamp_kinds(text)
+    bad = kinds.isna()
+    if bad.any():
+        raise DataValidationError(path, "timestamp", f"{int(bad.sum())} unparsable timestamps; {ACCEPTED_TIMESTAMPS}", ts[bad].to_frame())
+    counts = kinds.value_counts()
+    if len(counts) > 1:  # the rows not in the column's main format are the offending ones
+        found = ", ".join(f"{n} {kind}" for kind, n in counts.items())
+        raise DataValidationError(path, "timestamp", f"mixed timestamp formats in one column ({found}); give one format, "
+                                  f"or name it with {TIMESTAMP_FLAG}; {ACCEPTED_TIMESTAMPS}", ts[kinds != counts.index[0]].to_frame())
+    kind = counts.index[0]
+    if kind == "day/month dates":
+        raise DataValidationError(path, "timestamp", f"dates such as {text.iloc[0]!r} are not ISO 8601 and their day/month "
+                                  f"order is ambiguous; give their format with {TIMESTAMP_FLAG}, e.g. '%d/%m/%Y' or '%m/%d/%Y'", ts.to_frame())
+    if kind == "epoch numbers":
+        return _epoch_ms(text, ts, path)
+    return _datetimes_to_ms(pd.to_datetime(text, errors="coerce", utc=True), ts, path, "invalid ISO 8601 dates")
+
+
+def _timestamp_kinds(text: pd.Series) -> pd.Series:
+    """Each value's format; NaN where it has none of the accepted ones."""
+    kinds = pd.Series(np.nan, index=text.index, dtype=object)
+    for kind, pattern in (("day/month dates", _DAY_MONTH), ("ISO 8601 dates", _ISO_8601), ("epoch numbers", _NUMBER)):
+        kinds[text.str.fullmatch(pattern).fillna(False).astype(bool)] = kind  # later patterns win: ISO over day/month
+    return kinds
+
+
+def _epoch_ms(values: pd.Series, ts: pd.Series, path: str, ms_per_unit: int | None = None) -> pd.Series:
+    """Epoch numbers -> int64 milliseconds; the unit comes from `ms_per_unit` or else from the magnitude."""
+    numbers = pd.to_numeric(values, errors="coerce").astype("float64")
+    bad = ~np.isfinite(numbers) | (numbers.abs() >= _MS_UNTIL)
+    if bad.any():
+        raise DataValidationError(path, "timestamp", f"{int(bad.sum())} timestamps are not epoch seconds or milliseconds "
+                                  f"(missing, not a number, or >= 1e14: micro- and nanoseconds are not accepted); "
+                                  f"{ACCEPTED_TIMESTAMPS}", ts[bad].to_frame())
+    if ms_per_unit is None:
+        is_ms = numbers.abs() >= _MS_FROM
+        if is_ms.any() and not is_ms.all():
+            minority = is_ms if is_ms.sum() <= (~is_ms).sum() else ~is_ms
+            raise DataValidationError(path, "timestamp", f"mixed epoch units in one column: {int(is_ms.sum())} values look like "
+                                      f"milliseconds (>= 1e11) and {int((~is_ms).sum())} like seconds; name the unit with "
+                                      f"{TIMESTAMP_FLAG} epoch-s or epoch-ms", ts[minority].to_frame())
+        ms_per_unit = 1 if is_ms.all() else 1000
+    return (numbers * ms_per_unit).round().astype("int64")
+
+
+def _datetimes_to_ms(parsed: pd.Series, ts: pd.Series, path: str, problem: str) -> pd.Series:
     bad = parsed.isna()
     if bad.any():
-        raise DataValidationError(path, "timestamp", f"{int(bad.sum())} unparsable timestamps", ts[bad].to_frame())
-    return (parsed.astype("int64") // 10**9).astype("int64")
+        raise DataValidationError(path, "timestamp", f"{int(bad.sum())} {problem}; {ACCEPTED_TIMESTAMPS}", ts[bad].to_frame())
+    return ((parsed - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(milliseconds=1)).astype("int64")
 
 
 def validate_items(df: pd.DataFrame, path: str, check_images: bool = True, notes: dict | None = None) -> pd.DataFrame:
     df = df.copy()
     if "item_id" not in df.columns:
         raise DataValidationError(path, "item_id", f"missing required column 'item_id'; found {list(df.columns)}")
-    bad = df["item_id"].isna()
-    if bad.any():
-        raise DataValidationError(path, "item_id", f"{int(bad.sum())} catalog rows have a null ID", df[bad])
-    df["item_id"] = _as_id_strings(df["item_id"])
+    if df.empty:
+        raise DataValidationError(path, None, "has no catalog rows (only a header?)")
+    df["item_id"] = _checked_ids(df["item_id"], path, "item_id", "catalog rows")
     dup = df["item_id"].duplicated(keep=False)
     if dup.any():
         raise DataValidationError(path, "item_id", f"{int(df['item_id'].duplicated().sum())} duplicate catalog rows", df[dup])
@@ -144,12 +220,39 @@ def _check_image_paths(df: pd.DataFrame, path: str, notes: dict) -> pd.Series:
         notes["unreadable_images"] = len(unreadable)
         notes["unreadable_image_sample"] = unreadable[:_SAMPLE_ROWS]
         print(f"warning: {path}: {len(unreadable)} images are not readable images; they get a zero image feature "
-              f"(sample: {unreadable[:_SAMPLE_ROWS]})")
+              f"(sample: {unreadable[:_SAMPLE_ROWS]})", file=sys.stderr)
     return resolved
 
 
-def _as_id_strings(s: pd.Series) -> pd.Series:
-    # Floats that are whole numbers (from a CSV column with nulls elsewhere) print without ".0".
-    if pd.api.types.is_float_dtype(s) and (s.dropna() % 1 == 0).all():
-        s = s.astype("int64")
-    return s.astype(str)
+def _checked_ids(ids: pd.Series, path: str, column: str, rows: str) -> pd.Series:
+    """The column as ID strings; a missing or empty ID is refused (it could not be asked for)."""
+    out = as_id_strings(ids)
+    bad = ids.isna() | (out == "")
+    if bad.any():
+        raise DataValidationError(path, column, f"{int(bad.sum())} {rows} have an empty or null ID", ids[bad].to_frame())
+    return out
+
+
+def as_id_strings(ids: pd.Series) -> pd.Series:
+    """IDs as strings, one way for every source. Strings (all CSV IDs) are kept exactly as written;
+    integers are written in decimal ("007" survives only as a string); whole floats as integers
+    (7.0 -> "7"), other floats in Python's shortest round-trip form (1.5 -> "1.5"); bytes as UTF-8."""
+    if pd.api.types.infer_dtype(ids, skipna=True) == "string":
+        return ids.astype(object)
+    if pd.api.types.is_integer_dtype(ids) and not ids.isna().any():
+        return ids.astype("int64" if pd.api.types.is_signed_integer_dtype(ids) else "uint64").astype(str).astype(object)
+    return _as_strings(ids)
+
+
+def _as_strings(s: pd.Series) -> pd.Series:
+    return s.astype(object).map(_as_string)
+
+
+def _as_string(v) -> str | None:
+    if pd.api.types.is_scalar(v) and pd.isna(v):
+        return None
+    if isinstance(v, (float, np.floating)):
+        return str(int(v)) if float(v).is_integer() else repr(float(v))
+    if isinstance(v, (bytes, np.bytes_)):
+        return bytes(v).decode("utf-8")
+    return str(v)

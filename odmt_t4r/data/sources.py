@@ -8,7 +8,7 @@ from typing import Callable
 
 import pandas as pd
 
-from odmt_t4r.data.base import DataValidationError, RawData
+from odmt_t4r.data.base import ID_COLUMNS, DataValidationError, RawData
 
 
 def recbole_ml100k_dir() -> Path:
@@ -46,21 +46,33 @@ def load_ml100k(**_) -> RawData:
 
 def _read_table(path: str | Path, kind: str) -> pd.DataFrame:
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; --interactions and --items take a {kind} file")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
     try:
         if kind == "parquet":
             return pd.read_parquet(path)
-        return pd.read_csv(path, keep_default_na=True)
+        return read_csv_exact(path)
+    except pd.errors.EmptyDataError as exc:
+        raise DataValidationError(str(path), None, "is empty (no header, no rows)") from exc
     except Exception as exc:  # a corrupt or wrong-format file: say which one
         raise DataValidationError(str(path), None, f"cannot be read as {kind}: {exc}") from exc
 
 
-def _load_user_files(kind: str, interactions: str | None = None, items: str | None = None, check_images: bool = True, **_) -> RawData:
+def read_csv_exact(path: str | Path) -> pd.DataFrame:
+    """A user CSV with its ID and timestamp columns exactly as written: a converter bypasses pandas'
+    NA inference ("NA", "null") and number conversion ("007", "1e3", "1.0"), so an empty cell is ""
+    and validation refuses it. Other columns (text, image) keep pandas' defaults: empty cells are null."""
+    return pd.read_csv(path, converters={c: str for c in (*ID_COLUMNS, "timestamp")})
+
+
+def _load_user_files(kind: str, interactions: str | None = None, items: str | None = None, check_images: bool = True,
+                     timestamp_format: str | None = None, **_) -> RawData:
     if not interactions or not items:
         raise ValueError(f"source '{kind}' needs --interactions FILE and --items FILE")
     raw = RawData(kind, _read_table(interactions, kind), _read_table(items, kind), str(interactions), str(items))
-    return raw.validate(check_images=check_images)
+    return raw.validate(check_images=check_images, timestamp_format=timestamp_format)
 
 
 def load_fashion(fashion_mnist_dir: str | None = None, n_items: int | None = None, seed: int = 0,
