@@ -61,7 +61,8 @@ def test_odd_csv_ids_come_back_byte_for_byte(tmp_path):
 
 
 def test_parquet_ids_become_strings_one_documented_way(tmp_path):
-    inter = pd.DataFrame({"user_id": [7, 7, 7], "item_id": pd.Series([1.0, 2.0, 2.5]), "timestamp": [1, 2, 3]})
+    inter = pd.DataFrame({"user_id": [7, 7, 7], "item_id": pd.Series([1.0, 2.0, 2.5]),
+                          "timestamp": pd.to_datetime(["2024-01-01", "2024-01-01 00:00:00.250", "2024-01-02"])})
     items = pd.DataFrame({"item_id": pd.Series(["1", "2", "2.5", "007"], dtype=object)})
     inter.to_parquet(tmp_path / "i.parquet")
     items.to_parquet(tmp_path / "t.parquet")
@@ -69,6 +70,8 @@ def test_parquet_ids_become_strings_one_documented_way(tmp_path):
     assert raw.interactions["user_id"].tolist() == ["7"] * 3  # integers in decimal
     assert raw.interactions["item_id"].tolist() == ["1", "2", "2.5"]  # whole floats as integers, others as written
     assert raw.items["item_id"].tolist() == ["1", "2", "2.5", "007"]  # strings untouched
+    day = 1_704_067_200_000  # a datetime column (naive = UTC) becomes epoch milliseconds
+    assert raw.interactions["timestamp"].tolist() == [day, day + 250, day + 86_400_000]
 
     items.loc[3, "item_id"] = ""  # an empty ID could never be asked for
     items.to_parquet(tmp_path / "t.parquet")
