@@ -26,7 +26,20 @@ warnings.filterwarnings("ignore")
 
 RESULTS = Path(__file__).parent / "results" / "quality.json"
 METRICS = ("HR@10", "NDCG@10", "HR@20", "NDCG@20")
+# the long-tail slice (targets with at most the catalog's median train count), coverage, the valid score
+TABLE_EXTRA = ("longtail/NDCG@10", "coverage@10", "valid/NDCG@10")
 MODELS = ("sasrec", "late-fusion", "odmt", "odmt-no-imt", "odmt-no-kd")
+# Variants of the odmt preset tried while choosing its defaults: name -> OdmtConfig overrides.
+VARIANTS = {
+    "odmt-paper-kd": dict(kd_mode="mutual", id_teacher="ensemble", kd_weight=1.0, tau=0.3, kd_ramp=0.65),
+    "odmt-mutual": dict(kd_mode="mutual", id_teacher="ensemble"),
+    "odmt-kd-ensemble": dict(id_teacher="ensemble"),
+    "odmt-kd-others": dict(id_teacher="ensemble-others"),
+    "odmt-no-kd-mask": dict(kd_mask_seen=False),
+    "odmt-no-prior": dict(popularity_prior=False),
+    "odmt-full": dict(loss="full"),
+    "odmt-in-batch": dict(loss="in_batch"),
+}
 # RecBole 1.2.1 on the same ml-100k split, re-scored with the user's earlier items excluded (issue 3).
 RECBOLE_ML100K = {
     "RecBole Pop": {"HR@10": 0.0848, "NDCG@10": 0.0446, "HR@20": 0.1262, "NDCG@20": 0.0549},
@@ -43,31 +56,56 @@ def prepared(dataset: str, work: Path) -> Path:
     return out
 
 
-def run_dir(work: Path, dataset: str, model: str, seed: int) -> Path:
-    return work / "runs" / dataset / f"{model}-s{seed}"
+def train_config(model: str, seed: int, epochs: int | None, patience: int | None):
+    """The TrainConfig of a benchmark entry: a preset, or a named variant of the odmt preset."""
+    from odmt_t4r.training.train import TrainConfig
+
+    settings = dict(model=model if model in MODELS else "odmt", seed=seed, progress=False, threads=1,
+                    **VARIANTS.get(model, {}))
+    if epochs is not None:
+        settings["epochs"] = epochs
+    if patience is not None:
+        settings["patience"] = patience
+    return TrainConfig.from_dict(settings)
 
 
-def one_run(dataset: str, model: str, seed: int, data: Path, work: Path, epochs: int, patience: int) -> dict:
+def run_dir(work: Path, dataset: str, model: str, seed: int, epochs: int | None = None,
+            patience: int | None = None) -> Path:
+    """Named by what is trained, not by the entry's name: when the defaults change to equal a variant,
+    the variant's finished runs are reused for "odmt" (and no stale run is reused)."""
+    import hashlib
+    cfg = train_config(model, seed, epochs, patience).to_dict()
+    cfg.pop("progress"), cfg.pop("threads"), cfg.pop("epochs")
+    key = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
+    return work / "runs" / dataset / f"{cfg['model']}-{key}-s{seed}"
+
+
+def one_run(dataset: str, model: str, seed: int, data: Path, work: Path, epochs: int | None,
+            patience: int | None) -> dict:
     from odmt_t4r.model import OdmtRecommender
     from odmt_t4r.training.data import PreparedData
     from odmt_t4r.training.evaluate import evaluate_model
-    from odmt_t4r.training.train import TrainConfig, train_run
+    from odmt_t4r.training.train import train_run
 
-    run = run_dir(work, dataset, model, seed)
+    cfg = train_config(model, seed, epochs, patience)
+    epochs = cfg.epochs
+    run = run_dir(work, dataset, model, seed, epochs, patience)
     done = run / "metrics-test.json"
     if done.is_file():
         finished = json.loads(done.read_text())
         if finished.get("stopped_early") or finished.get("epochs_run", epochs) >= epochs:
-            return finished
+            return {**finished, "model": model}
         done.unlink()  # it ran fewer epochs than this budget and had not stopped early: continue it
     resume = (run / "checkpoint.pt").is_file()  # an interrupted run, or one given a bigger budget
-    cfg = TrainConfig(model=model, seed=seed, epochs=epochs, patience=patience, progress=False, threads=1)
     summary = train_run(cfg, data, run, resume=resume, epochs=epochs,
                         log=lambda m: print(f"  [{dataset} {model} s{seed}] {m}", flush=True))
     metrics = evaluate_model(OdmtRecommender.from_pretrained(run, data_dir=data), PreparedData(data), "test")
+    valid = evaluate_model(OdmtRecommender.from_pretrained(run, data_dir=data), PreparedData(data), "valid")
     metrics.update(dataset=dataset, model=model, seed=seed, best_epoch=summary["best_epoch"],
                    epochs_run=summary["epochs_run"], stopped_early=summary["stopped"], epochs_cap=epochs,
-                   patience=patience, train_seconds=_logged_seconds(run))
+                   patience=cfg.patience, train_seconds=_logged_seconds(run), run=str(run),
+                   fusion=summary["fusion"]["name"], overrides=VARIANTS.get(model, {}),
+                   valid={k: v for k, v in valid.items() if isinstance(v, float)})
     done.write_text(json.dumps(metrics, indent=2, default=str))
     return metrics
 
@@ -86,9 +124,10 @@ def aggregate(runs: list[dict]) -> dict:
     for ds, models in table.items():
         for m, rs in models.items():
             row = {"seeds": [r["seed"] for r in rs], "minutes_per_run": round(statistics.mean(r["train_seconds"] for r in rs) / 60, 1)}
-            keys = sorted({k for r in rs for k, v in r.items() if isinstance(v, float) and "@" in k})
+            flat = [{**r, **{f"valid/{k}": v for k, v in r.get("valid", {}).items()}} for r in rs]
+            keys = sorted({k for r in flat for k, v in r.items() if isinstance(v, float) and "@" in k})
             for k in keys:
-                vals = [r[k] for r in rs if k in r]
+                vals = [r[k] for r in flat if k in r]
                 row[k] = {"mean": round(statistics.mean(vals), 4), "std": round(statistics.pstdev(vals), 4) if len(vals) > 1 else 0.0}
             out.setdefault(ds, {})[m] = row
     return out
@@ -97,14 +136,16 @@ def aggregate(runs: list[dict]) -> dict:
 def markdown(agg: dict) -> str:
     lines = []
     for ds, models in agg.items():
+        cols = [*METRICS, *TABLE_EXTRA]
         lines += [f"**{ds}** (test, full ranking, history excluded; mean ± std over seeds)", "",
-                  "| model | " + " | ".join(METRICS) + " | seeds | min/run |", "|---" * (len(METRICS) + 3) + "|"]
+                  "| model | " + " | ".join(cols) + " | seeds | min/run |", "|---" * (len(cols) + 3) + "|"]
         for m, row in models.items():
-            cells = [f"{row[k]['mean']:.4f} ± {row[k]['std']:.4f}" if k in row else "-" for k in METRICS]
+            cells = [f"{row[k]['mean']:.4f} ± {row[k]['std']:.4f}" if k in row else "-" for k in cols]
             lines.append(f"| {m} | " + " | ".join(cells) + f" | {len(row['seeds'])} | {row['minutes_per_run']} |")
         if ds == "ml-100k":
             for name, vals in RECBOLE_ML100K.items():
-                lines.append(f"| {name} (anchor, 1 seed) | " + " | ".join(f"{vals[k]:.4f}" for k in METRICS) + " | 1 | |")
+                lines.append(f"| {name} (anchor, 1 seed) | " + " | ".join(f"{vals[k]:.4f}" for k in METRICS)
+                             + " |" * len(TABLE_EXTRA) + " | 1 | |")
         lines.append("")
     return "\n".join(lines)
 
@@ -139,11 +180,12 @@ def _one_run_job(job: tuple) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", nargs="+", default=["ml-100k", "fashion"])
-    ap.add_argument("--models", nargs="+", default=list(MODELS))
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=[*MODELS, *VARIANTS])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--epochs", nargs="+", default=["ml-100k=30", "fashion=20"],
-                    help="epoch cap, the same for every model: N, or DATASET=N per dataset")
-    ap.add_argument("--patience", type=int, default=5, help="early-stopping patience on valid NDCG@10")
+    ap.add_argument("--epochs", nargs="+", default=None,
+                    help="epoch cap, the same for every model: N, or DATASET=N per dataset "
+                         "(default: TrainConfig's ceiling; early stopping ends runs)")
+    ap.add_argument("--patience", type=int, default=None, help="early-stopping patience (default: TrainConfig's)")
     ap.add_argument("--jobs", type=int, default=1, help="runs trained at once, one torch thread each")
     ap.add_argument("--work", default=str(Path(__file__).parent / "work"))
     ap.add_argument("--out", default=str(RESULTS))
@@ -151,19 +193,19 @@ def main() -> None:
                     help="train nothing: tabulate the runs already finished in WORK (a partial benchmark)")
     args = ap.parse_args()
     work = Path(args.work)
-    caps = epoch_caps(args.epochs, args.datasets)
+    caps = epoch_caps(args.epochs, args.datasets) if args.epochs else {d: None for d in args.datasets}
     jobs = []
     for ds in args.datasets:
         data = prepared(ds, work)
         for seed in args.seeds:
             jobs += [(ds, model, seed, data, work, caps[ds], args.patience) for model in args.models]
     if args.report_only:
-        done = [j for j in jobs if (run_dir(work, *j[:3]) / "metrics-test.json").is_file()]
+        done = [j for j in jobs if (run_dir(work, *j[:3], j[5], j[6]) / "metrics-test.json").is_file()]
         print(f"report only: {len(done)} of {len(jobs)} runs finished")
         jobs = done
     runs = []
     # seed by seed (a partial benchmark still compares every model), the slow IMT runs first in each
-    jobs.sort(key=lambda j: (j[2], j[1] not in ("odmt", "odmt-no-kd"), j[1] != "odmt-no-imt"))
+    jobs.sort(key=lambda j: (j[2], j[1] in ("sasrec", "late-fusion"), j[1] == "odmt-no-imt"))
     if args.jobs > 1:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -172,7 +214,7 @@ def main() -> None:
                 runs.append(_report(future.result()))
     else:
         runs = [_report(_one_run_job(j)) for j in jobs]
-    order = {m: i for i, m in enumerate(MODELS)}
+    order = {m: i for i, m in enumerate([*MODELS, *VARIANTS])}
     runs.sort(key=lambda r: (r["dataset"], order.get(r["model"], 99), r["seed"]))
     agg = aggregate(runs)
     goal = {}

@@ -53,13 +53,13 @@ def test_a_tiny_model_overfits_its_training_sequences(data_dir):
     torch.manual_seed(0)
     data = PreparedData(data_dir)
     model = build_model("odmt", data.info, d_model=32, n_heads=2, imt_layers=1, seq_layers=1, imt_dropout=0.0,
-                        seq_dropout=0.0, modalities=["id", "text"], ramp_epochs=0)
+                        seq_dropout=0.0, modalities=["id", "text"], kd_ramp=0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
     rows = torch.cat([b["items"] for b in data.batches("train", 256)])
     losses = []
     for step in range(60):
         model.train()
-        loss = model(rows, epoch=step)["loss"]
+        loss = model(rows, progress=step / 60)["loss"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -97,7 +97,10 @@ def test_train_then_evaluate_writes_the_run_folder(data_dir, tmp_path):
     model = OdmtRecommender.from_pretrained(run)
     valid = evaluate.evaluate_model(model, PreparedData(data_dir), "valid")
     best = max(r["valid"]["NDCG@10"] for r in log)
-    assert valid["NDCG@10"] == pytest.approx(best, abs=1e-6)
+    fusion = json.loads((run / "fusion.json").read_text())
+    assert valid["NDCG@10"] == pytest.approx(fusion["valid_NDCG@10"], abs=1e-6)
+    assert valid["NDCG@10"] >= best - 1e-6  # the final, finer grid contains every epoch's grid
+    assert model.config.fusion_weights == fusion["weights"] and saved["model"]["fusion_weights"] == fusion["weights"]
 
     # a second train into the same RUN without --resume is refused
     assert cli(train, ["--data", data_dir, "--out", run, "--config", config, "--epochs", 1]) == 2
@@ -105,9 +108,15 @@ def test_train_then_evaluate_writes_the_run_folder(data_dir, tmp_path):
 
 def test_resume_continues_exactly_where_an_interrupted_run_stopped(data_dir, tmp_path):
     cfg = dict(FAST, model="odmt", epochs=3)
-    straight = train.train_run(train.TrainConfig(**cfg), data_dir, tmp_path / "a", log=lambda *_: None)
-    train.train_run(train.TrainConfig(**dict(cfg, epochs=2)), data_dir, tmp_path / "b", log=lambda *_: None)
-    resumed = train.train_run(train.TrainConfig(**cfg), data_dir, tmp_path / "b", resume=True, epochs=3,
+    straight = train.train_run(train.TrainConfig.from_dict(cfg), data_dir, tmp_path / "a", log=lambda *_: None)
+
+    def killed_after_logging_epoch_2(message):  # after log.jsonl got epoch 2, before its checkpoint
+        if message.startswith("epoch   2/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train.train_run(train.TrainConfig.from_dict(cfg), data_dir, tmp_path / "b", log=killed_after_logging_epoch_2)
+    resumed = train.train_run(train.TrainConfig.from_dict(cfg), data_dir, tmp_path / "b", resume=True,
                               log=lambda *_: None)
     assert resumed == straight
 

@@ -27,7 +27,7 @@ from torch import nn
 from .branch import Branch, SequenceEncoderConfig
 from .item_tower import ITEM_TOWERS, RESERVED_ROWS, ItemTowerConfig
 from .modality_store import ModalityStore, TokenLayout
-from .peer_distillation import PeerDistillationTask, fuse
+from .peer_distillation import FUSION_SCORES, ID_TEACHERS, KD_MODES, PeerDistillationTask, fuse
 from .prepared import PreparedInfo, read_prepared
 
 MODEL_FORMAT = "odmt-model/1"
@@ -38,13 +38,16 @@ AUTO_FULL_SOFTMAX_MAX_ITEMS = 2048
 
 @dataclass
 class OdmtConfig:
-    name: str = "odmt"
-    # from the prepared DIR
+    """The model, one dataclass: `odmt train` makes a flag of every field not marked derived."""
+
+    name: str = "odmt"  # derived: the preset (model_registry)
+    # from the prepared DIR (derived)
     n_index: int = 0
     max_length: int = 20
     item_column: str = "item_id-list"
-    modalities: list[str] = field(default_factory=lambda: ["id", "text"])  # item-tower inputs = peer branches
-    feature_dims: dict[str, int] = field(default_factory=dict)  # {"text": 384, "image": 1280}
+    # item-tower inputs = peer branches; None = every modality the prepared DIR has features for
+    modalities: list[str] | None = None
+    feature_dims: dict[str, int] = field(default_factory=dict)  # derived: {"text": 384, "image": 1280}
     # architecture
     item_tower: str = "imt"  # "imt" | "independent"
     fusion: str = "peer"  # "peer": one branch per modality + KD; "late": concat -> one branch, no KD
@@ -62,17 +65,33 @@ class OdmtConfig:
     seq_dropout: float = 0.2
     id_init: str = "content"  # "content" | "xavier"
     # objective
-    loss: str = "full"  # "full" softmax | "in_batch" sampled softmax with logQ correction ("auto" picks in from_prepared)
+    # "full" softmax | "in_batch" sampled softmax with logQ correction | "auto": full up to
+    # AUTO_FULL_SOFTMAX_MAX_ITEMS items, else in-batch (resolved in from_prepared)
+    loss: str = "auto"
+    # a learned per-branch weight on log(train count) added to every score: popularity is explained by
+    # one scalar, so the item vectors are free to learn similarity (rare items are not pushed down)
+    popularity_prior: bool = True
+    # distillation (peer_distillation.py): the form, the id branch's teacher, the seen-item mask, tau,
+    # the weight and its ramp as a fraction of the epoch budget
+    kd_mode: str = "detached"  # "detached" | "mutual" (the paper's)
+    id_teacher: str = "none"  # "ensemble" (the paper's) | "ensemble-others" | "none"
+    kd_mask_seen: bool = True
     tau: float = 0.4
-    kd_weight: float = 0.2  # see TrainConfig.kd_weight
-    ramp_epochs: float = 5.0
+    kd_weight: float = 0.5
+    kd_ramp: float = 0.1
+    # inference fusion, chosen on the validation split after training (training/fusion.py);
+    # None = the plain mean of the raw branch scores (the paper's)
+    fusion_weights: dict[str, float] | None = None
+    fusion_scores: str = "raw"  # "raw" | "log_softmax"
+
+    DERIVED = ("name", "n_index", "max_length", "item_column", "feature_dims", "fusion_weights", "fusion_scores")
 
     @property
     def branch_names(self) -> list[str]:
         return list(self.modalities) if self.fusion == "peer" else ["late"]
 
     def validate(self) -> "OdmtConfig":
-        bad = set(self.modalities) - {"id", "text", "image"}
+        bad = set(self.modalities or []) - {"id", "text", "image"}
         if bad or not self.modalities:
             raise ValueError(f"modalities must be a non-empty subset of id/text/image, got {self.modalities}")
         self.modalities = [m for m in ("id", "text", "image") if m in self.modalities]
@@ -80,10 +99,17 @@ class OdmtConfig:
             if m != "id" and m not in self.feature_dims:
                 raise ValueError(f"modality '{m}' has no feature dimension (no {m}.npy in the prepared DIR?)")
         choices = {"item_tower": tuple(ITEM_TOWERS), "fusion": ("peer", "late"), "seq_encoder": ("gpt2", "xlnet"),
-                   "id_init": ("content", "xavier"), "loss": ("full", "in_batch")}
+                   "id_init": ("content", "xavier"), "loss": ("full", "in_batch"), "kd_mode": KD_MODES,
+                   "id_teacher": ID_TEACHERS, "fusion_scores": FUSION_SCORES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {allowed}")
+        for name in ("d_model", "n_heads", "imt_layers", "seq_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.tau > 0 or self.kd_weight < 0 or not 0 <= self.kd_ramp <= 1:
+            raise ValueError(f"need tau > 0, kd_weight >= 0 and 0 <= kd_ramp <= 1; got tau={self.tau}, "
+                             f"kd_weight={self.kd_weight}, kd_ramp={self.kd_ramp}")
         self.token_layout()  # raises on a bad token count
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
@@ -103,8 +129,11 @@ model_registry: dict[str, dict] = {
     "odmt": dict(item_tower="imt", fusion="peer"),
     "odmt-no-imt": dict(item_tower="independent", fusion="peer"),
     "odmt-no-kd": dict(item_tower="imt", fusion="peer", kd_weight=0.0),
-    "sasrec": dict(item_tower="independent", fusion="peer", modalities=["id"], branch_mlp=False, id_init="xavier"),
-    "late-fusion": dict(item_tower="independent", fusion="late", id_init="xavier", kd_weight=0.0),
+    # the baselines keep their published form: no popularity prior
+    "sasrec": dict(item_tower="independent", fusion="peer", modalities=["id"], branch_mlp=False, id_init="xavier",
+                   popularity_prior=False),
+    "late-fusion": dict(item_tower="independent", fusion="late", id_init="xavier", kd_weight=0.0,
+                        popularity_prior=False),
 }
 
 
@@ -148,8 +177,12 @@ class OdmtRecommender(nn.Module):
         in_dim = c.d_model * (len(c.modalities) if c.fusion == "late" else 1)
         self.branches = nn.ModuleDict({b: Branch(b, in_dim, seq_cfg, mlp=c.branch_mlp) for b in c.branch_names})
         self.task = PeerDistillationTask(c.branch_names, c.n_index, tau=c.tau, kd_weight=c.kd_weight,
-                                         ramp_epochs=c.ramp_epochs, sampled_softmax=c.loss == "in_batch")
-        self.register_buffer("log_popularity", torch.zeros(c.n_index))  # log train counts, for logQ
+                                         kd_ramp=c.kd_ramp, sampled_softmax=c.loss == "in_batch",
+                                         kd_mode=c.kd_mode, id_teacher=c.id_teacher, kd_mask_seen=c.kd_mask_seen)
+        self.register_buffer("log_popularity", torch.zeros(c.n_index))  # log max(train count, 1): popular fallback
+        self.register_buffer("train_count", torch.zeros(c.n_index))  # for the prior and the logQ correction
+        # one learned weight per branch on log(1 + train count); starts at 1, the popularity model's logits
+        self.popularity_weight = nn.Parameter(torch.ones(len(c.branch_names))) if c.popularity_prior else None
         self._catalog: dict[str, torch.Tensor] | None = None  # eval-time cache of every item's vectors
         self._frozen_catalog = False  # True when loaded without features: the cache is all we have
 
@@ -161,7 +194,7 @@ class OdmtRecommender(nn.Module):
         info = data_dir if isinstance(data_dir, PreparedInfo) else read_prepared(data_dir)
         if name not in model_registry:
             raise ValueError(f"unknown model '{name}'; choose one of {sorted(model_registry)}")
-        settings = {**overrides, **model_registry[name], "name": name}
+        settings = {**{k: v for k, v in overrides.items() if v is not None}, **model_registry[name], "name": name}
         if settings.get("loss", "auto") == "auto":
             n_items = info.n_index - RESERVED_ROWS
             settings["loss"] = "full" if n_items <= AUTO_FULL_SOFTMAX_MAX_ITEMS else "in_batch"
@@ -189,8 +222,25 @@ class OdmtRecommender(nn.Module):
         return model
 
     def set_popularity(self, counts: torch.Tensor) -> None:
-        """counts [N] train interactions per item -> log-popularity used by the in-batch logQ correction."""
+        """counts [N] train interactions per item -> the popularity prior, logQ correction and fallback."""
+        self.train_count.copy_(counts.float())
         self.log_popularity.copy_(torch.log(counts.float().clamp(min=1.0)))
+
+    def popularity_bias(self, item_idx: torch.Tensor | None = None) -> dict[str, torch.Tensor] | None:
+        """{branch: [C]} the learned prior weight x log(1 + train count) of each item (all rows if None)."""
+        if self.popularity_weight is None:
+            return None
+        counts = self.train_count if item_idx is None else self.train_count[item_idx]
+        log_count = torch.log1p(counts)
+        return {b: self.popularity_weight[i] * log_count for i, b in enumerate(self.branches)}
+
+    def in_batch_log_q(self, cand_items: torch.Tensor, n_targets: int) -> torch.Tensor:
+        """log P(item is among the batch's unique candidates) [C]: 1 - (1 - q)^P for P target draws with
+        q = the item's share of train interactions. Unlike log q, this saturates at 0 for popular items,
+        which are candidates in nearly every batch, so they are not over-penalised."""
+        q = (self.train_count[cand_items].double() / self.train_count.sum().double().clamp(min=1.0)).clamp(1e-12, 1.0)
+        p_in = -torch.expm1(n_targets * torch.log1p(-q.clamp(max=1 - 1e-12)))  # 1 - (1 - q)^P, stable
+        return torch.log(p_in.clamp(min=1e-30)).float()
 
     @property
     def branch_names(self) -> list[str]:
@@ -225,32 +275,41 @@ class OdmtRecommender(nn.Module):
         return super().train(mode)
 
     # ------------------------------------------------------------------ training
-    def forward(self, items: torch.Tensor, epoch: float = 0.0) -> dict:
-        """items [B L+1] right-padded rows ending with their target -> the task's loss dict."""
+    def forward(self, items: torch.Tensor, progress: float = 0.0) -> dict:
+        """items [B L+1] right-padded rows ending with their target -> the task's loss dict.
+        progress: the epoch as a fraction of the epoch budget (drives the KD ramp)."""
         history, targets = split_targets(items)  # [B L] each
         B, L = history.shape
         valid = targets >= RESERVED_ROWS  # [B L] positions with a real next item
+        rows = torch.arange(B, device=items.device)[:, None].expand(B, L)[valid]  # [P] each position's row
         if self.config.loss == "full":
             vecs = self.item_vectors(torch.arange(self.config.n_index, device=items.device))  # {b: [N D]}
             seq = {b: v[history] for b, v in vecs.items()}  # [B L D]
             candidates = {b: v[RESERVED_ROWS:] for b, v in vecs.items()}  # [C D], C = N - 3
             y = targets[valid] - RESERVED_ROWS  # [P]
-            log_q = mask = None
+            cand_items = torch.arange(RESERVED_ROWS, self.config.n_index, device=items.device)  # [C]
+            bias, mask = self.popularity_bias(cand_items), None
+            row_has = torch.zeros(B, self.config.n_index, dtype=torch.bool, device=items.device)
+            row_has = row_has.scatter_(1, items, True)[:, RESERVED_ROWS:]  # [B C]
         else:  # in-batch: the batch's targets are the candidates; the tower runs on the unique items only
             cand_items, y = torch.unique(targets[valid], return_inverse=True)  # [C], [P]
             needed, inv = torch.unique(torch.cat([history.flatten(), cand_items]), return_inverse=True)
             vecs = self.item_vectors(needed)  # {b: [U D]}
             seq = {b: v[inv[: B * L]].view(B, L, -1) for b, v in vecs.items()}
             candidates = {b: v[inv[B * L:]] for b, v in vecs.items()}
-            log_q = self.log_popularity[cand_items]  # [C]
-            # the user's own other items are not negatives for them (the official code's history mask)
+            log_q = self.in_batch_log_q(cand_items, len(y))  # [C]
+            prior = self.popularity_bias(cand_items)
+            bias = {b: (prior[b] if prior else 0.0) - log_q for b in self.branches}
             row_has = (items[:, :, None] == cand_items[None, None, :]).any(1)  # [B C]
-            rows = torch.arange(B, device=items.device)[:, None].expand(B, L)[valid]  # [P]
-            mask = row_has[rows]  # [P C]
-            mask[torch.arange(len(y), device=items.device), y] = False
+        # the user's own other items: not negatives in the in-batch CE (the official code's history
+        # mask) and, with kd_mask_seen, left out of the distributions the branches distil
+        seen = row_has[rows]  # [P C]
+        seen[torch.arange(len(y), device=items.device), y] = False
+        if self.config.loss == "in_batch":
+            mask = seen
         nonpad = (history > 0).unsqueeze(-1)  # [B L 1]
         states = {b: self.branches[b](seq[b] * nonpad)[valid] for b in self.branches}  # [P D]
-        return self.task(states, candidates, y, epoch=epoch, log_q=log_q, mask=mask)
+        return self.task(states, candidates, y, progress=progress, bias=bias, mask=mask, seen=seen)
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -262,14 +321,30 @@ class OdmtRecommender(nn.Module):
         B = history.shape[0]
         last = ((history > 0).sum(1) - 1).clamp(min=0)  # [B] position of the newest history item
         nonpad = (history > 0).unsqueeze(-1)  # [B L 1]
+        prior = self.popularity_bias()
         scores = {}
         for b, branch in self.branches.items():
             h = branch(catalog[b][history] * nonpad)[torch.arange(B), last]  # [B D]
             s = h @ catalog[b].t()  # [B N]
+            if prior is not None:
+                s = s + prior[b]
             s[:, :RESERVED_ROWS] = float("-inf")
             scores[b] = s
-        scores["fused"] = fuse({b: scores[b] for b in self.branches})
+        branch_scores = {b: scores[b] for b in self.branches}
+        scores["fused"] = fuse(branch_scores, self.config.fusion_weights, self.config.fusion_scores)
+        if self.config.fusion_weights is not None:
+            scores["mean"] = fuse(branch_scores)  # the paper's plain mean, for comparison
         return scores
+
+    def set_fusion(self, weights: dict[str, float] | None, kind: str = "raw") -> None:
+        """Use sum_b weights[b] * score_b (raw or log-softmax scores) as the fused score; None = the mean."""
+        if weights is not None:
+            unknown = set(weights) - set(self.branches)
+            if unknown or not any(w > 0 for w in weights.values()):
+                raise ValueError(f"fusion weights {weights} do not fit branches {self.branch_names}")
+        fuse({b: torch.zeros(1, 1) for b in self.branches}, weights, kind)  # validates `kind`
+        self.config.fusion_weights = None if weights is None else {b: float(w) for b, w in weights.items()}
+        self.config.fusion_scores = kind
 
     @torch.no_grad()
     def recommend(self, history: torch.Tensor, k: int = 10, exclude_history: bool = True,

@@ -55,9 +55,17 @@ def read_prepared(root: str | os.PathLike) -> PreparedInfo:
     manifest_path = root / "manifest.json"
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{root} is not a prepared DIR (no manifest.json); run `odmt prepare` first")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{manifest_path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{manifest_path} is not valid JSON ({exc}); prepare DIR again") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else None
+        raise ValueError(f"{manifest_path}: format {got!r}, expected {FORMAT!r}")
+    missing = [name for name in ("items.parquet", "train", "valid", "test") if not (root / name).exists()]
+    if missing:
+        raise FileNotFoundError(f"{root} is not a complete prepared DIR: it has a manifest but no {missing}; "
+                                "run `odmt prepare` again")
     schema = load_schema(root / "train")
     col = item_column(schema)
     domain = schema[col].int_domain

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -23,24 +24,42 @@ from .data import PreparedData
 from .metrics import PROTOCOL, RankingAccumulator
 
 
+def long_tail_items(data: PreparedData) -> tuple[torch.Tensor, float]:
+    """[N] bool: catalog items with at most the catalog's median train count (the long-tail slice's
+    targets), and that median. Items without interactions count as 0."""
+    import pandas as pd
+
+    items = pd.read_parquet(data.root / "items.parquet", columns=["item_idx", "train_count"])
+    median = float(np.median(items["train_count"].to_numpy()))
+    tail = torch.zeros(data.info.n_index, dtype=torch.bool)
+    idx = torch.from_numpy(items["item_idx"].to_numpy().astype(np.int64))
+    tail[idx] = torch.from_numpy(items["train_count"].to_numpy() <= median)
+    return tail, median
+
+
 @torch.no_grad()
 def evaluate_model(model: OdmtRecommender, data: PreparedData, split: str = "valid", batch_size: int = 512,
                    progress: bool = False) -> dict:
-    """Rank every item for each user of `split`; the user's items before the target are excluded."""
+    """Rank every item for each user of `split`; the user's items before the target are excluded.
+    Scorers: "fused" (the model's fusion), each branch, and "mean" (the plain mean) when the model
+    fuses otherwise; plus the long-tail slice and coverage@10 of each."""
     was_training = model.training
     model.eval()
-    acc = RankingAccumulator()
+    tail_items, median = long_tail_items(data)
+    acc = RankingAccumulator(n_index=model.config.n_index)
     n = 0
     bar = tqdm(data.batches(split, batch_size), total=data.num_batches(split, batch_size),
                desc=f"evaluate {split}", disable=not progress, leave=False, file=sys.stderr)
     for batch in bar:
         history, target = history_and_target(batch["items"])
         scores = model.score(history)
-        acc.update(scores, target, batch.get("seen"))
+        acc.update(scores, target, batch.get("seen"), tail=tail_items[target])
         n += len(target)
     model.train(was_training)
     return {**acc.compute(), "split": split, "protocol": PROTOCOL, "n_users": n,
-            "n_target_in_history": acc.n_target_in_history}
+            "n_target_in_history": acc.n_target_in_history,
+            "longtail_rule": f"target's train count <= the catalog median ({median:g})",
+            "fusion": {"weights": model.config.fusion_weights, "scores": model.config.fusion_scores}}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

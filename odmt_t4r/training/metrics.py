@@ -47,24 +47,52 @@ def hr_ndcg(ranks: torch.Tensor, ks=DEFAULT_KS) -> dict[str, float]:
 
 
 class RankingAccumulator:
-    """Collects target ranks batch by batch, per scorer (e.g. "fused", "id", "text")."""
+    """Collects target ranks batch by batch, per scorer (e.g. "fused", "id", "text"), plus the long-tail
+    slice (users whose target is a rare item) and catalog coverage (items in anyone's top `coverage_k`)."""
 
-    def __init__(self, ks=DEFAULT_KS):
+    def __init__(self, ks=DEFAULT_KS, n_index: int | None = None, coverage_k: int = 10, n_reserved: int = 3):
         self.ks = tuple(ks)
         self.ranks: dict[str, list[torch.Tensor]] = {}
+        self.tail: list[torch.Tensor] = []
         self.n_target_in_history = 0
+        self.n_index, self.coverage_k, self.n_reserved = n_index, coverage_k, n_reserved
+        self.recommended: dict[str, torch.Tensor] = {}  # scorer -> [N] bool, item was in some top-k
 
-    def update(self, scores: dict[str, torch.Tensor], targets: torch.Tensor, exclude: torch.Tensor | None) -> None:
+    def update(self, scores: dict[str, torch.Tensor], targets: torch.Tensor, exclude: torch.Tensor | None,
+               tail: torch.Tensor | None = None) -> None:
+        """tail [B] bool: the user belongs to the long-tail slice."""
         if exclude is not None and exclude.numel():
             self.n_target_in_history += int((exclude == targets[:, None]).any(1).sum())
+        self.tail.append(torch.zeros(len(targets), dtype=torch.bool) if tail is None else tail.bool())
         for name, s in scores.items():
-            self.ranks.setdefault(name, []).append(target_ranks(s, targets, exclude))
+            self.ranks.setdefault(name, []).append(target_ranks(s, targets, exclude, self.n_reserved))
+            if self.n_index:
+                self._cover(name, s, exclude)
+
+    def _cover(self, name: str, scores: torch.Tensor, exclude: torch.Tensor | None) -> None:
+        s = scores.float().clone()
+        s[:, : self.n_reserved] = float("-inf")
+        if exclude is not None and exclude.numel():
+            s.scatter_(1, exclude.long(), float("-inf"))
+        k = min(self.coverage_k, s.shape[1] - self.n_reserved)
+        top_s, top_i = torch.topk(s, k, dim=1)
+        seen = self.recommended.setdefault(name, torch.zeros(self.n_index, dtype=torch.bool))
+        seen[top_i[torch.isfinite(top_s)]] = True
 
     def compute(self, fused: str = "fused") -> dict:
-        """{"HR@10": .., "NDCG@10": .., ...} for the fused scorer, "<name>/HR@10" for the others."""
+        """{"HR@10": .., "NDCG@10": .., ...} for the fused scorer, "<name>/HR@10" for the others;
+        "longtail/..." the same on the long-tail users, "coverage@10" the share of catalog items that
+        appear in some user's top 10."""
         out = {}
+        tail = torch.cat(self.tail) if self.tail else torch.zeros(0, dtype=torch.bool)
         for name, parts in self.ranks.items():
-            metrics = hr_ndcg(torch.cat(parts), self.ks)
+            ranks = torch.cat(parts)
             prefix = "" if name == fused else f"{name}/"
-            out.update({prefix + k: v for k, v in metrics.items()})
+            out.update({prefix + k: v for k, v in hr_ndcg(ranks, self.ks).items()})
+            if tail.any():
+                out.update({f"longtail/{prefix}{k}": v for k, v in hr_ndcg(ranks[tail], self.ks).items()})
+            if name in self.recommended:
+                n_items = self.n_index - self.n_reserved
+                out[f"{prefix}coverage@{self.coverage_k}"] = self.recommended[name].sum().item() / max(1, n_items)
+        out["longtail_users"] = int(tail.sum())
         return out

@@ -1,17 +1,24 @@
 """`odmt train`: fit odmt / sasrec / late-fusion / ablations on a prepared DIR into a RUN folder.
 
     odmt train --data DIR --model odmt --out RUN [--config FILE.json] [--epochs N] [--seed S] [--resume]
+               [--<any TrainConfig or OdmtConfig field>, e.g. --kd-mode mutual --d-model 128]
 
 A plain epoch loop over the Merlin dataloader drives the T4R blocks (item tower, TransformerBlock
 branches, the PeerDistillationTask): the T4R/HF Trainer expects one `tr.Model` whose input block's masking
 produces the targets and evaluates without the history exclusion this project's protocol needs, and the
 KD ramp, per-branch logging and exact resume are simpler to get right here.
 
+After each epoch every branch, the plain mean and a grid of fusions are scored on the validation split
+(training/fusion.py). The model kept is the epoch with the best fused validation NDCG@10; training stops
+when neither the fused score nor any single branch has improved for `patience` epochs, so a branch that
+is still learning is never cut off. The final fusion is then chosen on a finer grid and saved.
+
 RUN/ holds:
-    config.json        model config + TrainConfig + the prepared DIR and its manifest hash
-    model.pt, item_vectors.pt   the best model so far (valid fused NDCG@10); OdmtRecommender.from_pretrained(RUN)
+    config.json        model config (with the chosen fusion) + TrainConfig + the prepared DIR and its hash
+    model.pt, item_vectors.pt   the best model (valid fused NDCG@10); OdmtRecommender.from_pretrained(RUN)
     checkpoint.pt      the last finished epoch: model, optimizer, epoch, best, patience count, RNG state
-    log.jsonl          one line per epoch: branch losses, KD weight, valid metrics, seconds
+    log.jsonl          one line per finished epoch: branch losses, KD weight, valid metrics, seconds
+    fusion.json        every candidate fusion's validation metrics and the choice
 """
 
 from __future__ import annotations
@@ -23,56 +30,43 @@ import os
 import random
 import sys
 import time
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from odmt_t4r.model import build_model, model_registry
+from odmt_t4r.model import OdmtConfig, build_model, model_registry
 
 from .data import PreparedData
-from .evaluate import evaluate_model
+from .fusion import choose_fusion, evaluate_fusions, select_fusion
+from .progress import progress_bar
 
 RUN_FORMAT = "odmt-run/1"
-MODEL_FIELDS = ("modalities", "d_model", "n_heads", "imt_layers", "imt_dropout", "text_tokens", "image_tokens", "seq_encoder", "seq_layers",
-                "seq_dropout", "id_init", "loss", "tau", "kd_weight", "ramp_epochs")
+RUN_FILES = ("config.json", "model.pt", "item_vectors.pt", "checkpoint.pt", "log.jsonl", "fusion.json")
 
 
 @dataclass
 class TrainConfig:
-    """Defaults train fast on 2 CPU cores (the paper: d=768, lr 1e-4, tau 0.3-0.5, on a GPU)."""
+    """How to train. `model_config` is the model (OdmtConfig); a preset's defining settings win over it.
+    Defaults train on 2 CPU cores (the paper: d=768, lr 1e-4, tau 0.3-0.5, on a GPU)."""
 
     model: str = "odmt"
-    # model (passed to the model registry; a preset's defining settings win)
-    modalities: list[str] | None = None  # None = every modality the prepared DIR has features for
-    d_model: int = 64
-    n_heads: int = 2
-    imt_layers: int = 2
-    imt_dropout: float = 0.1
-    text_tokens: int = 8  # IMT text span tokens per item (-1: all 30 stored, as the paper)
-    image_tokens: int = 4  # IMT image grid tokens per item, 4 = 2x2 (-1: all 16 stored)
-    seq_encoder: str = "gpt2"
-    seq_layers: int = 2
-    seq_dropout: float = 0.2
-    id_init: str = "content"
-    loss: str = "auto"  # "full" | "in_batch" | "auto": full softmax up to 2048 items, else in-batch
-    tau: float = 0.4
-    # 0.2, not 1: on ml-100k (seed 0, batch 128) weight 1 stalled the id branch's CE once the ramp reached
-    # it (the undetached teacher is pushed to sharpen); valid NDCG@10 at epoch 10: 0.1192 (0.2) vs 0.1131 (1)
-    kd_weight: float = 0.2
-    ramp_epochs: float = 5.0
+    model_config: OdmtConfig = field(default_factory=OdmtConfig)
     # optimisation
     lr: float = 1e-3
     weight_decay: float = 0.1
     # 128 windows of up to 20 targets: 42 steps per ml-100k epoch; 256 gave half the updates and learned slower
     batch_size: int = 128
     eval_batch_size: int = 512
-    epochs: int = 30
-    patience: int = 5  # epochs without a better valid NDCG@10 before stopping
+    # a ceiling, not the schedule: early stopping ends runs (the KD ramp is a fraction of this budget)
+    epochs: int = 100
+    patience: int = 5  # epochs in which neither the fused score nor any branch improved on valid NDCG@10
     grad_clip: float = 5.0
     seed: int = 42
+    fusion_step: float = 0.1  # weight grid of the final fusion choice (twice as coarse after each epoch)
     # torch CPU threads. 1 by default: on a shared 2-core box two OpenMP threads were 10x slower per step
     # (14.5 s vs 1.5 s for odmt on ml-100k with other jobs running); set 2 on an idle machine. Results are
     # reproducible for a fixed thread count.
@@ -80,16 +74,62 @@ class TrainConfig:
     progress: bool = True
     extra: dict = field(default_factory=dict)  # free-form notes carried into config.json
 
-    def model_overrides(self) -> dict:
-        return {k: getattr(self, k) for k in MODEL_FIELDS if getattr(self, k) is not None}
+    @property
+    def epoch_fusion_step(self) -> float:
+        """The coarser grid scored after every epoch: a subset of the final grid, so the final choice is
+        never worse on validation than the epoch's."""
+        return 2 * self.fusion_step if 2 * self.fusion_step <= 0.5 else self.fusion_step
+
+    def validate(self) -> "TrainConfig":
+        if self.model not in model_registry:
+            raise ValueError(f"unknown model '{self.model}'; choose one of {sorted(model_registry)}")
+        for name in ("epochs", "batch_size", "eval_batch_size", "patience", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0 or self.weight_decay < 0:
+            raise ValueError(f"need lr > 0 and weight_decay >= 0, got lr={self.lr}, weight_decay={self.weight_decay}")
+        if not 0 < self.fusion_step <= 0.5:
+            raise ValueError(f"fusion_step must be in (0, 0.5], got {self.fusion_step}")
+        return self
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        """From JSON: TrainConfig keys, model keys nested under "model_config" or given flat; every value
+        is type-checked, so a typo or a wrong type is a clear error rather than a late crash."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a training config must be a JSON object, got {type(d).__name__}")
+        own = {f.name for f in fields(cls)}
+        model_keys = {f.name for f in fields(OdmtConfig)}
+        nested = d.get("model_config") or {}
+        if not isinstance(nested, dict):
+            raise ValueError("model_config must be a JSON object")
+        flat_model = {k: v for k, v in d.items() if k in model_keys and k not in own}
+        unknown = sorted(set(d) - own - model_keys) + sorted(set(nested) - model_keys)
         if unknown:
-            raise ValueError(f"unknown training config keys {unknown}; known: {sorted(known)}")
-        return cls(**d)
+            raise ValueError(f"unknown training config keys {unknown}; known: {sorted(own | model_keys)}")
+        top = {k: _typed(cls, k, v) for k, v in d.items() if k in own and k != "model_config"}
+        model = {k: _typed(OdmtConfig, k, v) for k, v in {**nested, **flat_model}.items()}
+        return cls(**top, model_config=OdmtConfig(**model))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _base_types(hint) -> tuple[type, ...]:
+    """int -> (int,); list[str] | None -> (list, NoneType); dict[str, float] -> (dict,)."""
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    return tuple(typing.get_origin(a) or a for a in args)
+
+
+def _typed(cls, name: str, value):
+    """`value` checked against the annotation of `cls.name` (ints accepted for floats)."""
+    hint = typing.get_type_hints(cls)[name]
+    allowed = _base_types(hint)
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
+        raise ValueError(f"config key {name!r} must be {hint}, got {value!r}")
+    return value
 
 
 def seed_everything(seed: int) -> None:
@@ -100,7 +140,7 @@ def seed_everything(seed: int) -> None:
 
 def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]  # biases, norms, type vectors
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]  # biases, norms, priors
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
 
@@ -111,27 +151,50 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _fmt(x: float) -> str:
-    return f"{x:.4f}"
+def _log_to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _check_out(out: Path, resume: bool) -> None:
+    """RUN must be new, empty, or (with --resume) one of our own runs with a checkpoint."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if (out / "checkpoint.pt").is_file():
+        if not resume:
+            raise FileExistsError(f"{out} already holds a training run; pass --resume or choose another --out")
+        return
+    raise FileExistsError(f"{out} is not empty and holds no resumable run (no checkpoint.pt); choose another "
+                          "--out (train never overwrites a folder it cannot resume)")
+
+
+def _load_checkpoint(path: Path) -> dict:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated / corrupted / foreign file
+        raise ValueError(f"{path} cannot be read ({type(exc).__name__}); it is corrupted or not a checkpoint "
+                         "of odmt train: remove the RUN folder and train again") from exc
+    if not isinstance(ckpt, dict) or not {"model", "optimizer", "state", "torch_rng"} <= set(ckpt):
+        raise ValueError(f"{path} is not a checkpoint of odmt train")
+    return ckpt
 
 
 def train_run(cfg: TrainConfig, data_dir: str | os.PathLike, out: str | os.PathLike, resume: bool = False,
-              epochs: int | None = None, log=print) -> dict:
-    """Train into `out`; returns {"best_epoch", "best": valid metrics, "epochs_run", "stopped"}.
+              epochs: int | None = None, log=_log_to_stderr) -> dict:
+    """Train into `out`; returns {"best_epoch", "best": valid metrics, "epochs_run", "stopped", "fusion"}.
     With `resume`, the RUN's saved TrainConfig is used (only `epochs` and `progress` may change)."""
     out = Path(out)
+    _check_out(out, resume)
     ckpt_path = out / "checkpoint.pt"
     if resume and ckpt_path.is_file():
         saved = json.loads((out / "config.json").read_text())
         progress = cfg.progress
         cfg = TrainConfig.from_dict(saved["train"])
         cfg.progress = progress
-    elif ckpt_path.is_file():
-        raise FileExistsError(f"{out} already holds a training run; pass --resume or choose another --out")
     if epochs is not None:
         cfg.epochs = epochs
-    if cfg.model not in model_registry:
-        raise ValueError(f"unknown model '{cfg.model}'; choose one of {sorted(model_registry)}")
+    cfg.validate()
     threads_before = torch.get_num_threads()
     torch.set_num_threads(max(1, cfg.threads))
     try:
@@ -140,51 +203,66 @@ def train_run(cfg: TrainConfig, data_dir: str | os.PathLike, out: str | os.PathL
         torch.set_num_threads(threads_before)
 
 
+def _valid_metrics(results: dict, branches: list[str]) -> tuple[dict, dict]:
+    """Per-epoch fusion results -> (flat valid metrics: chosen fusion, "mean/..", "<branch>/..", choice)."""
+    choice = choose_fusion(results)
+    metrics = {k: v for k, v in results[choice["name"]].items() if k != "candidate"}
+    for name in ["mean", *branches]:
+        if name in results:
+            metrics.update({f"{name}/{k}": v for k, v in results[name].items() if k != "candidate"})
+    return metrics, choice
+
+
 def _train(cfg: TrainConfig, data_dir, out: Path, resume: bool, ckpt_path: Path, log) -> dict:
     seed_everything(cfg.seed)
 
     data = PreparedData(data_dir)
-    model = build_model(cfg.model, data.info, **cfg.model_overrides())
+    model = build_model(cfg.model, data.info, **{k: v for k, v in asdict(cfg.model_config).items()
+                                                  if k not in OdmtConfig.DERIVED})
     optimizer = _optimizer(model, cfg)
     out.mkdir(parents=True, exist_ok=True)
-    run_info = {"format": RUN_FORMAT, "train": asdict(cfg),
+    run_info = {"format": RUN_FORMAT, "train": cfg.to_dict(),
                 "data": {"dir": str(data.root), "manifest_sha256": data.info.manifest_sha256,
                          "source": data.info.manifest.get("source")}}
+    branches = model.branch_names
 
-    state = {"epoch": -1, "best_metric": -math.inf, "best_epoch": -1, "best": {}, "bad_epochs": 0, "stopped": False}
+    state = {"epoch": -1, "best_metric": -math.inf, "best_epoch": -1, "best": {}, "bad_epochs": 0,
+             "stopped": False, "branch_best": {}}
+    log_path = out / "log.jsonl"
     if resume and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ckpt["data_sha256"] != run_info["data"]["manifest_sha256"]:
+        ckpt = _load_checkpoint(ckpt_path)
+        if ckpt.get("data_sha256") != run_info["data"]["manifest_sha256"]:
             raise ValueError(f"{out} was trained on other prepared data (manifest hash differs); cannot resume")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["torch_rng"])
-        state = ckpt["state"]
+        state = {**state, **ckpt["state"]}
+        _truncate_log(log_path, state["epoch"] + 1)  # a run killed after logging, before its checkpoint
         log(f"resuming {out} after epoch {state['epoch'] + 1} (best valid NDCG@10 {state['best_metric']:.4f} "
             f"at epoch {state['best_epoch'] + 1})")
     else:
-        (out / "log.jsonl").unlink(missing_ok=True)
-    model_payload = {**run_info, "model": asdict(model.config)}
-    (out / "config.json").write_text(json.dumps(model_payload, indent=2, default=str) + "\n")
+        log_path.unlink(missing_ok=True)
+    (out / "config.json").write_text(json.dumps({**run_info, "model": asdict(model.config)}, indent=2,
+                                                default=str) + "\n")
 
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"{cfg.model}: branches {model.branch_names}, {n_params:,} parameters, loss {model.config.loss}, "
+    log(f"{cfg.model}: branches {branches}, {n_params:,} parameters, loss {model.config.loss}, "
         f"{data.num_rows('train'):,} train rows, L={data.max_length}, {data.info.n_index - 3:,} items")
 
-    start = state["epoch"] + 1
-    for epoch in range(start, cfg.epochs):
+    for epoch in range(state["epoch"] + 1, cfg.epochs):
         if state["stopped"]:
             break
         t0 = time.perf_counter()
         model.train()
         sums: dict[str, float] = {}
         n_batches = 0
+        progress = epoch / cfg.epochs  # the KD ramp is a fraction of the epoch budget
         batches = data.batches("train", cfg.batch_size, shuffle=True, seed=cfg.seed * 100_003 + epoch)
-        bar = tqdm(batches, total=data.num_batches("train", cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not cfg.progress, leave=False, file=sys.stderr)
-        kd_w = model.task.weight(epoch)
+        bar = progress_bar(batches, total=data.num_batches("train", cfg.batch_size),
+                           desc=f"epoch {epoch + 1}/{cfg.epochs}", enabled=cfg.progress)
+        kd_w = model.task.weight(progress)
         for batch in bar:
-            outputs = model(batch["items"], epoch=epoch)
+            outputs = model(batch["items"], progress=progress)
             optimizer.zero_grad(set_to_none=True)
             outputs["loss"].backward()
             if cfg.grad_clip:
@@ -197,67 +275,145 @@ def _train(cfg: TrainConfig, data_dir, out: Path, resume: bool, ckpt_path: Path,
             bar.set_postfix(loss=f"{outputs['loss'].item():.3f}")
         losses = {k: v / max(1, n_batches) for k, v in sums.items()}
         train_seconds = time.perf_counter() - t0
-        metrics = evaluate_model(model, data, "valid", cfg.eval_batch_size)
+        results = evaluate_fusions(model, data, "valid", step=cfg.epoch_fusion_step, batch_size=cfg.eval_batch_size)
+        metrics, choice = _valid_metrics(results, branches)
         seconds = time.perf_counter() - t0
 
         improved = metrics["NDCG@10"] > state["best_metric"]
+        branch_improved = [b for b in branches if metrics[f"{b}/NDCG@10"] > state["branch_best"].get(b, -math.inf)]
+        for b in branch_improved:
+            state["branch_best"][b] = metrics[f"{b}/NDCG@10"]
         if improved:
-            state.update(best_metric=metrics["NDCG@10"], best_epoch=epoch, bad_epochs=0,
-                         best={k: v for k, v in metrics.items() if isinstance(v, float)})
+            state.update(best_metric=metrics["NDCG@10"], best_epoch=epoch, best=metrics)
+            model.set_fusion(choice["weights"], choice["scores"])
             model.save_pretrained(out, extra=run_info)
-        else:
-            state["bad_epochs"] += 1
+        # a run ends only when neither the fused score nor any branch is still improving
+        state["bad_epochs"] = 0 if (improved or branch_improved) else state["bad_epochs"] + 1
         state["epoch"] = epoch
         state["stopped"] = state["bad_epochs"] >= cfg.patience
 
-        record = {"epoch": epoch + 1, "losses": losses, "kd_weight": kd_w,
-                  "valid": {k: v for k, v in metrics.items() if isinstance(v, float)},
-                  "improved": improved, "train_seconds": round(train_seconds, 2), "seconds": round(seconds, 2)}
-        with open(out / "log.jsonl", "a") as f:
+        record = {"epoch": epoch + 1, "losses": losses, "kd_weight": kd_w, "valid": metrics,
+                  "fusion": choice["name"], "improved": improved, "branches_improved": branch_improved,
+                  "train_seconds": round(train_seconds, 2), "seconds": round(seconds, 2)}
+        with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        per_branch = " ".join(f"{b} {_fmt(metrics[f'{b}/NDCG@10'])}" for b in model.branch_names
-                              if f"{b}/NDCG@10" in metrics)
+        per_branch = " ".join(f"{b} {metrics[f'{b}/NDCG@10']:.4f}" for b in branches)
         branch_losses = " ".join(f"{k} {v:.3f}" for k, v in losses.items() if k != "loss")
         log(f"epoch {epoch + 1:>3}/{cfg.epochs} loss {losses['loss']:.3f} [{branch_losses}] kd_w {kd_w:.3f} | "
-            f"valid NDCG@10 {_fmt(metrics['NDCG@10'])} HR@10 {_fmt(metrics['HR@10'])} ({per_branch})"
-            f"{' *' if improved else ''} | {seconds:.1f}s")
+            f"valid NDCG@10 {metrics['NDCG@10']:.4f} ({choice['name']}; mean {metrics['mean/NDCG@10']:.4f}; "
+            f"{per_branch}){' *' if improved else ''} | {seconds:.1f}s")
 
         _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
                       "torch_rng": torch.get_rng_state(), "data_sha256": run_info["data"]["manifest_sha256"]},
                      ckpt_path)
         if state["stopped"]:
-            log(f"early stop: no better valid NDCG@10 for {cfg.patience} epochs")
+            log(f"early stop: neither the fused score nor any branch improved valid NDCG@10 for {cfg.patience} epochs")
 
-    log(f"best valid NDCG@10 {state['best_metric']:.4f} at epoch {state['best_epoch'] + 1}; model in {out}")
+    fusion = _final_fusion(out, data, cfg, run_info)
+    log(f"best valid NDCG@10 {state['best_metric']:.4f} at epoch {state['best_epoch'] + 1}; fusion "
+        f"{fusion['name']} (valid NDCG@10 {fusion['valid_NDCG@10']:.4f}, plain mean "
+        f"{fusion['valid_mean_NDCG@10']:.4f}); model in {out}")
     return {"best_epoch": state["best_epoch"] + 1, "best": state["best"], "epochs_run": state["epoch"] + 1,
-            "stopped": state["stopped"]}
+            "stopped": state["stopped"], "fusion": fusion}
+
+
+def _final_fusion(out: Path, data: PreparedData, cfg: TrainConfig, run_info: dict) -> dict:
+    """Reload the best model, choose its fusion on the validation split's finer grid, save it."""
+    from odmt_t4r.model import OdmtRecommender
+
+    best = OdmtRecommender.from_pretrained(out, data_dir=data.root)
+    choice = select_fusion(best, data, step=cfg.fusion_step, batch_size=cfg.eval_batch_size)
+    config_path = out / "config.json"
+    payload = json.loads(config_path.read_text())
+    payload["model"] = asdict(best.config)
+    tmp = config_path.with_name(f".config.json.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    os.replace(tmp, config_path)
+    (out / "fusion.json").write_text(json.dumps(choice, indent=2) + "\n")
+    return choice
+
+
+def _truncate_log(path: Path, n_epochs: int) -> None:
+    """Keep log.jsonl's lines of the first `n_epochs` epochs (later ones were never checkpointed)."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("epoch", 0) <= n_epochs]
+    if len(kept) != len(lines):
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+# ---------------------------------------------------------------------------- command line
+TRAIN_FLAGS_SKIP = ("model", "model_config", "extra", "progress", "epochs", "seed")
+
+
+def _flag_fields():
+    """(dataclass, field) pairs that become `odmt train` flags: every TrainConfig and OdmtConfig field
+    except the derived ones and those with a hand-written flag."""
+    for f in fields(TrainConfig):
+        if f.name not in TRAIN_FLAGS_SKIP:
+            yield TrainConfig, f
+    for f in fields(OdmtConfig):
+        if f.name not in OdmtConfig.DERIVED:
+            yield OdmtConfig, f
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="a prepared DIR (odmt prepare)")
     p.add_argument("--model", choices=sorted(model_registry), default=None, help="default: odmt")
     p.add_argument("--out", required=True, help="the RUN folder")
-    p.add_argument("--config", default=None, help="JSON file of TrainConfig fields")
-    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--config", default=None, help="JSON file of TrainConfig fields (model fields flat or "
+                                                  "under model_config); flags win over it")
+    p.add_argument("--epochs", type=int, default=None, help="the epoch ceiling (early stopping ends runs)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--resume", action="store_true", help="continue RUN from its last finished epoch")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars or lines")
+    group = p.add_argument_group("training and model settings (default: TrainConfig / OdmtConfig)")
+    for owner, f in _flag_fields():
+        hint = typing.get_type_hints(owner)[f.name]
+        base = _base_types(hint)
+        flag = "--" + f.name.replace("_", "-")
+        if bool in base:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        elif list in base:
+            group.add_argument(flag, dest=f.name, nargs="+", default=None, metavar="M")
+        elif base[0] in (int, float, str):
+            group.add_argument(flag, dest=f.name, type=base[0], default=None)
 
 
-def run(args: argparse.Namespace) -> int:
+def settings_from_args(args: argparse.Namespace) -> dict:
+    """The --config file, then every flag given on the command line."""
     settings = {}
     if args.config:
-        settings = json.loads(Path(args.config).read_text())
+        path = Path(args.config)
+        if not path.is_file():
+            raise FileNotFoundError(f"--config {path} does not exist")
+        try:
+            settings = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--config {path} is not valid JSON ({exc})") from exc
+        if not isinstance(settings, dict):
+            raise ValueError(f"--config {path} must hold a JSON object of TrainConfig fields")
     for key in ("model", "seed"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
+    for _, f in _flag_fields():
+        value = getattr(args, f.name, None)
+        if value is not None:
+            settings[f.name] = value
     if args.no_progress:
         settings["progress"] = False
+    return settings
+
+
+def run(args: argparse.Namespace) -> int:
     try:
-        cfg = TrainConfig.from_dict(settings)
+        cfg = TrainConfig.from_dict(settings_from_args(args))
+        if args.epochs is not None and args.epochs < 1:
+            raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
         summary = train_run(cfg, args.data, args.out, resume=args.resume, epochs=args.epochs)
     except (FileExistsError, FileNotFoundError, ValueError) as exc:
         print(f"odmt train: error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2, default=str))
     return 0

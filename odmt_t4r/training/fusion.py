@@ -1,0 +1,136 @@
+"""Fusion of the branch scores, chosen on the validation split.
+
+The paper fuses by the plain mean of the raw branch scores, which lets a weak branch drag a strong one
+down. Here every candidate fusion is scored on the validation users in one pass over the branch scores:
+    the plain mean;  sum_b w_b * s_b for weights on a simplex grid (single branches included), where s_b
+    is the raw branch score or its log-softmax over the catalog (every branch on one scale).
+The candidate with the best validation NDCG@10 wins (ties keep the earlier, simpler one), so the chosen
+fusion is never below any single branch on validation. The choice is saved in the model config
+(`fusion_weights`, `fusion_scores`) and applied by `OdmtRecommender.score`, hence identically by
+`evaluate`, `export`, the Triton graph and `recommend`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from odmt_t4r.model import OdmtRecommender, history_and_target
+from odmt_t4r.model.peer_distillation import fuse
+
+from .data import PreparedData
+from .metrics import DEFAULT_KS, hr_ndcg
+
+SELECT_BY = "NDCG@10"
+
+
+@dataclass(frozen=True)
+class FusionCandidate:
+    weights: tuple[tuple[str, float], ...] | None  # None = the plain mean of the raw scores
+    scores: str = "raw"  # "raw" | "log_softmax"
+
+    @property
+    def name(self) -> str:
+        if self.weights is None:
+            return "mean"
+        used = [(b, w) for b, w in self.weights if w > 0]
+        if len(used) == 1:
+            return used[0][0]
+        return f"{self.scores}(" + " ".join(f"{b}:{w:g}" for b, w in used) + ")"
+
+    def as_dict(self) -> dict[str, float] | None:
+        return None if self.weights is None else {b: w for b, w in self.weights}
+
+
+def simplex_grid(n: int, step: float) -> list[tuple[float, ...]]:
+    """Every n-vector of non-negative multiples of `step` summing to 1."""
+    parts = round(1 / step)
+    out = []
+    for combo in itertools.product(range(parts + 1), repeat=n):
+        if sum(combo) == parts:
+            out.append(tuple(round(c / parts, 6) for c in combo))
+    return out
+
+
+def fusion_candidates(branches: list[str], step: float = 0.1) -> list[FusionCandidate]:
+    """The plain mean first, then weighted raw and log-softmax fusions; a single branch appears once."""
+    out = [FusionCandidate(None)]
+    for kind in ("raw", "log_softmax"):
+        for w in simplex_grid(len(branches), step):
+            if kind == "log_softmax" and max(w) == 1.0:
+                continue  # one branch alone ranks the same either way
+            out.append(FusionCandidate(tuple(zip(branches, w)), kind))
+    return out
+
+
+@torch.no_grad()
+def branch_scores(model: OdmtRecommender, data: PreparedData, split: str, batch_size: int = 512):
+    """Yields ({branch: [B N] raw scores}, target [B], seen [B S] or None) over `split`."""
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in data.batches(split, batch_size):
+            history, target = history_and_target(batch["items"])
+            scores = model.score(history)
+            yield {b: scores[b] for b in model.branch_names}, target, batch.get("seen")
+    finally:
+        model.train(was_training)
+
+
+def _ranks(fused: torch.Tensor, target: torch.Tensor, target_excluded: torch.Tensor) -> torch.Tensor:
+    """fused [B N] with excluded items already -inf -> pessimistic 0-based rank of each target [B]."""
+    t = fused[torch.arange(len(target)), target]  # [B]
+    ranks = (fused >= t[:, None]).sum(1).float() - 1.0  # the target itself is not above itself
+    ranks[target_excluded | torch.isinf(t)] = math.inf
+    return ranks
+
+
+@torch.no_grad()
+def evaluate_fusions(model: OdmtRecommender, data: PreparedData, split: str = "valid", step: float = 0.1,
+                     batch_size: int = 512, candidates: list[FusionCandidate] | None = None) -> dict:
+    """Metrics of every candidate fusion on `split`: {candidate name: {"candidate", "HR@10", ...}}."""
+    branches = model.branch_names
+    candidates = candidates or fusion_candidates(branches, step)
+    ranks: dict[FusionCandidate, list[torch.Tensor]] = {c: [] for c in candidates}
+    for raw, target, seen in branch_scores(model, data, split, batch_size):
+        target_excluded = torch.zeros(len(target), dtype=torch.bool)
+        if seen is not None and seen.numel():
+            target_excluded = (seen == target[:, None]).any(1)
+        per_kind = {"raw": raw}
+        if any(c.scores == "log_softmax" for c in candidates):
+            per_kind["log_softmax"] = {b: torch.log_softmax(s, -1) for b, s in raw.items()}
+        for kind, scores in per_kind.items():  # the protocol's exclusion, applied once per branch
+            for b, s in scores.items():
+                s = s.clone()
+                s[:, :3] = -math.inf
+                if seen is not None and seen.numel():
+                    s.scatter_(1, seen.long(), -math.inf)
+                scores[b] = s
+        for c in candidates:
+            fused = fuse(per_kind[c.scores], c.as_dict(), "raw")  # already on the chosen scale
+            ranks[c].append(_ranks(fused, target, target_excluded))
+    return {c.name: {"candidate": c, **hr_ndcg(torch.cat(r), DEFAULT_KS)} for c, r in ranks.items()}
+
+
+def choose_fusion(results: dict) -> dict:
+    """The best candidate by validation NDCG@10 (the first among equals) and what it beat."""
+    best_name = None
+    for name, row in results.items():  # insertion order: the plain mean first
+        if best_name is None or row[SELECT_BY] > results[best_name][SELECT_BY]:
+            best_name = name
+    best = results[best_name]["candidate"]
+    return {"name": best_name, "weights": best.as_dict(), "scores": best.scores,
+            f"valid_{SELECT_BY}": results[best_name][SELECT_BY],
+            f"valid_mean_{SELECT_BY}": results["mean"][SELECT_BY],
+            "n_candidates": len(results)}
+
+
+def select_fusion(model: OdmtRecommender, data: PreparedData, step: float = 0.1, batch_size: int = 512) -> dict:
+    """Choose the fusion on the validation split and set it on the model; returns the choice."""
+    results = evaluate_fusions(model, data, "valid", step=step, batch_size=batch_size)
+    choice = choose_fusion(results)
+    model.set_fusion(choice["weights"], choice["scores"])
+    return choice
