@@ -8,16 +8,16 @@ DIR layout (the contract `odmt train` reads):
     workflows/{sessions,train,valid,test,inference}/   saved nvt.Workflow objects
     categories/              the Categorify vocabularies
     features/                text.npy, text_mask.npy, image.npy, image_mask.npy, manifest.json
-    images/                  the fashion source's product photos (generated sources only)
+    raw_images/              the fashion source's product photos (generated sources only; not hashed)
+
+The folder is built next to DIR and swapped in whole (odmt_t4r/output_folder.py): an existing DIR is
+replaced only when odmt wrote it, and a run killed at any point leaves the old DIR or the new one.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -78,12 +78,9 @@ def _dask_client(cfg: PrepareConfig):
                                host="127.0.0.1", dashboard_address=None))
 
 
-def _file_hashes(root: Path) -> dict[str, str]:
-    out = {}
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and p.name != "manifest.json" and "images" not in p.relative_to(root).parts:
-            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()[:16]
-    return out
+# Generated product photos: the project's files, but only the feature build reads them, so they are
+# listed as a generated folder instead of hashed one by one (thousands of PNGs in the manifest).
+GENERATED_FOLDERS = ("raw_images",)
 
 
 def _versions() -> dict[str, str]:
@@ -98,29 +95,27 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def prepare(cfg: PrepareConfig) -> dict:
-    """Runs the whole stage; returns the manifest. Work happens in DIR.partial and replaces DIR only
-    on success; on failure the partial folder is removed and an earlier DIR is left as it was."""
+def prepare(cfg: PrepareConfig, force: bool = False) -> dict:
+    """Runs the whole stage; returns the manifest. DIR is built in a sibling folder and swapped in only
+    on success (see OutputFolder): on failure an earlier DIR is left as it was. An existing DIR is
+    replaced only when odmt wrote it; `force` moves any other folder aside, deleting nothing."""
+    from odmt_t4r.output_folder import OutputFolder
+
     cfg.validate()
-    stage = Path(cfg.out).resolve()
-    stage = stage.with_name(stage.name + ".partial")
-    try:
-        return _prepare(cfg)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+    with OutputFolder(cfg.out, FORMAT, force=force, what="prepared folder",
+                      log=lambda msg: _step(msg)) as folder:
+        manifest = _prepare(cfg, folder.stage)
+        folder.commit()
+    return manifest
 
 
-def _prepare(cfg: PrepareConfig) -> dict:
+def _prepare(cfg: PrepareConfig, stage: Path) -> dict:
     import nvtabular as nvt
 
     from odmt_t4r.data import load_source
+    from odmt_t4r.trust import write_manifest
     from workflows import sessions as W
 
-    out = Path(cfg.out).resolve()
-    stage = out.with_name(out.name + ".partial")
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
     t0 = _step(f"loading source '{cfg.source}'")
     raw = load_source(cfg.source, interactions=cfg.interactions, items=cfg.items, seed=cfg.seed,
                       n_items=cfg.n_items, fashion_mnist_dir=cfg.fashion_mnist_dir, workdir=str(stage),
@@ -199,12 +194,8 @@ def _prepare(cfg: PrepareConfig) -> dict:
         "features": feature_manifest,
         "versions": _versions(),
     }
-    manifest["files"] = _file_hashes(stage)
-    (stage / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
-    if out.exists():
-        shutil.rmtree(out)
-    stage.rename(out)
-    return manifest
+    generated = [g for g in GENERATED_FOLDERS if (stage / g).is_dir()]
+    return write_manifest(stage, manifest, generated_folders=generated)  # last: hashes, signature
 
 
 def read_split(folder: Path, columns: list[str] | None = None) -> pd.DataFrame:
@@ -234,7 +225,10 @@ def summary(m: dict) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = PrepareConfig()
     p.add_argument("--source", choices=["fashion", "ml-100k", "csv", "parquet"], default=d.source)
-    p.add_argument("--out", required=True, help="output folder DIR (replaced only when preparation succeeds)")
+    p.add_argument("--out", required=True, help="output folder DIR (replaced only when preparation succeeds, "
+                                                "and only if odmt wrote it)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an --out folder odmt did not write: it is moved aside to DIR.backup-<time>, never deleted")
     p.add_argument("--interactions", help="csv/parquet: user_id (or session_id), item_id, timestamp")
     p.add_argument("--items", help="csv/parquet: item_id, optional text, optional image (file path)")
     p.add_argument("--timestamp-format", default=None,
@@ -258,7 +252,7 @@ def run(args: argparse.Namespace) -> int:
                         fashion_mnist_dir=args.fashion_mnist_dir, features=not args.no_features,
                         max_text_tokens=args.max_text_tokens, image_size=args.image_size,
                         partitions=args.partitions, dask_workers=args.dask_workers)
-    manifest = prepare(cfg)  # errors: one `odmt prepare: error:` line from odmt_t4r.cli
+    manifest = prepare(cfg, force=args.force)  # errors: one `odmt prepare: error:` line from odmt_t4r.cli
     print(summary(manifest))
     print(f"wrote {Path(cfg.out).resolve()}")
     return 0

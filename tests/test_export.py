@@ -309,3 +309,29 @@ def test_cli_export_and_its_errors(run_dir, data_dir, tmp_path, capsys):
     assert main(["export", "--run", str(tmp_path / "missing"), "--out", str(tmp_path / "r2")]) == 2
     assert "error" in capsys.readouterr().err
     assert not (tmp_path / "r2").exists()
+
+
+# -- small catalogs ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_items", [1, 3])
+def test_export_works_from_a_one_item_catalog_and_pads_what_is_left(tmp_path, n_items):
+    from tests.tiny_data import prepare_tiny, untrained_run
+    from triton_models.export import catalog_ids, reference_recommend
+
+    data = prepare_tiny(tmp_path / "inputs", tmp_path / "prepared", n_items=n_items, n_users=4, length=4)
+    run = untrained_run(data, tmp_path / "run")
+    k = 5  # more than the catalog
+    manifest = export(run, tmp_path / "repo", ServingConfig(k=k), data_dir=data, check_sessions=5, log=lambda m: None)
+    assert manifest["n_items"] == n_items
+    assert any(len(set(s)) == n_items for s in edge_sessions(vocabulary_ids(load_inference_workflow(data)), 4))
+
+    ensemble, predict, wf = build_ensemble(run, data, ServingConfig(k=k))
+    everything = [f"i{i}" for i in range(n_items)]
+    sessions = [everything, ["i0"]]
+    ids, scores = reference_recommend(predict.model, wf, catalog_ids(data), sessions, k)
+    assert ids.shape == scores.shape == (2, k)
+    assert ids[0].tolist() == [""] * k and np.isneginf(scores[0]).all()  # no candidate left
+    left = n_items - 1
+    assert sorted(ids[1][:left]) == everything[1:] and ids[1][left:].tolist() == [""] * (k - left)
+    assert np.isfinite(scores[1][:left]).all() and np.isneginf(scores[1][left:]).all()
+    check_in_process(ensemble, predict, wf, sessions)  # the served graph pads the same slots

@@ -180,7 +180,7 @@ def test_cli_serve_stops_cleanly(toy_repo, entry, sig):
     try:
         first = proc.stdout.readline()  # printed once the server is ready
         assert first.split() == ["HTTP", f"127.0.0.1:{port}"]
-        (triton_pid,) = _children(proc.pid)  # tritonserver leads its own process group
+        (triton_pid,) = _children(proc.pid, "tritonserver")  # it leads its own process group
         assert len(group_pids(triton_pid)) >= 2  # the server and its python backend stub
         prefix = _shm_prefix(triton_pid)
         assert _shm(prefix)
@@ -195,16 +195,75 @@ def test_cli_serve_stops_cleanly(toy_repo, entry, sig):
             proc.wait()
 
 
-def _children(pid: int) -> list[int]:
+def _children(pid: int, command: str = "") -> list[int]:
+    """Live children of `pid` whose command line contains `command`."""
     kids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_text()
         except OSError:
             continue
-        if int(fields[1]) == pid and fields[0] != "Z":
+        if int(fields[1]) == pid and fields[0] != "Z" and command in cmdline:
             kids.append(int(stat.parent.name))
     return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("victim", ["launcher", "launcher-group"])
+def test_sigkill_of_odmt_serve_takes_the_server_its_stubs_and_their_shm_along(toy_repo, victim):
+    """`odmt serve` killed with no chance to clean up (SIGKILL): tritonserver (PDEATHSIG) and the
+    watchdog stop the server's whole process group and free its /dev/shm regions within seconds."""
+    import socket
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "odmt_t4r.cli", "serve", "--repo", str(toy_repo), "--http-port", str(port),
+           "--grpc-port", str(free_port()), "--metrics-port", str(free_port())]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            start_new_session=True)
+    triton_pid, prefix = None, None
+    try:
+        assert proc.stdout.readline().split() == ["HTTP", f"127.0.0.1:{port}"]
+        (triton_pid,) = _children(proc.pid, "tritonserver")
+        watchdogs = _children(proc.pid, "_watchdog")
+        stubs = [p for p in group_pids(triton_pid) if p != triton_pid]
+        assert stubs, "the python backend stub runs in the server's process group"
+        prefix = _shm_prefix(triton_pid)
+        assert _shm(prefix)
+        with RecommenderClient(f"127.0.0.1:{port}") as client:
+            assert client.recommend([["q"]], k=1) == [[("q", 1.0)]]
+        if victim == "launcher":
+            os.kill(proc.pid, signal.SIGKILL)
+        else:  # e.g. a job control kill of the whole command: the watchdog lives in its own session
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.monotonic() + 20
+        while (group_pids(triton_pid) or _shm(prefix)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert group_pids(triton_pid) == [], "tritonserver or a stub outlived `odmt serve`"
+        assert not any(_alive(p) for p in [triton_pid, *stubs])
+        deadline = time.monotonic() + 5
+        while any(_alive(p) for p in watchdogs) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in watchdogs), "the watchdog exits once the server is gone"
+        assert _shm(prefix) == []
+        with socket.socket() as sock:  # the port is free for the next server
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", port))
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        if triton_pid is not None and group_pids(triton_pid):  # the old behaviour: clean up its orphans
+            os.killpg(triton_pid, signal.SIGKILL)
+        for path in SHM_DIR.glob(f"{prefix}*") if prefix else []:
+            path.unlink(missing_ok=True)
 
 
 def test_port_in_use_is_refused(toy_repo):

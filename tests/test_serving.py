@@ -166,6 +166,34 @@ def test_an_empty_session_gets_the_most_popular_items(fast_server, workflow_serv
         assert [i for i, _ in other] != popular
 
 
+def test_a_small_catalog_serves_what_is_left_padded_as_in_process(tmp_path_factory):
+    """Two items, k = 10: a session holding both gets nothing (all padding), the same served and in-process."""
+    from odmt_t4r.model import OdmtRecommender
+    from tests.tiny_data import prepare_tiny, untrained_run
+    from triton_models.server import TritonServer
+
+    root = tmp_path_factory.mktemp("small-catalog")
+    data = prepare_tiny(root / "inputs", root / "prepared", n_items=2, n_users=4, length=4)
+    run = untrained_run(data, root / "run")
+    export(run, root / "repo", ServingConfig(k=K), data_dir=data, check_sessions=5, log=lambda m: None)
+    sessions = [["i0", "i1"], ["i1"], ["i1", "i0", "i1"], ["i0", "unknown"]]
+    model = OdmtRecommender.from_pretrained(run, data_dir=data)
+    want_ids, want_scores = reference_recommend(model, load_inference_workflow(data), catalog_ids(data), sessions, K)
+    values, offsets = encode_sessions(sessions)
+    with TritonServer(root / "repo", log_file=root / "tritonserver.log") as server:
+        with RecommenderClient(server.http_url) as client:
+            answers = client.recommend(sessions, K)
+        wire = raw_infer(server, [(VALUES, values[None], "BYTES"), (OFFSETS, offsets[None], "INT32")])
+    assert [[i for i, _ in a] for a in answers] == [[], ["i0"], [], ["i1"]]
+    for answer, ids, scores in zip(answers, want_ids, want_scores):
+        assert [i for i, _ in answer] == [i for i in ids if i]
+        np.testing.assert_allclose([x for _, x in answer], scores[np.isfinite(scores)], atol=ATOL, rtol=0)
+    served_ids, served_scores = wire.as_numpy("item_ids")[0], wire.as_numpy("scores")[0]
+    assert served_ids.shape == served_scores.shape == (len(sessions), K)
+    assert [[i.decode() for i in row] for row in served_ids] == want_ids.tolist()  # b"" pads the same slots
+    assert np.array_equal(np.isneginf(served_scores), np.isneginf(want_scores))
+
+
 # -- bad requests: clear errors, and the server keeps serving ----------------------------------------
 
 def raw_infer(server, inputs):

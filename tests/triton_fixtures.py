@@ -69,11 +69,16 @@ def expected(session: list[str], k: int = TOY_K) -> list[tuple[str, float]]:
 
 
 def write_toy_repo(root: Path, init: str = "pass", name: str = "executor_model") -> Path:
-    """A model repository with one toy model; `init` is the body of its initialize()."""
+    """A model repository with one toy model; `init` is the body of its initialize(). Its manifest
+    records every file, as `odmt export` does, so `odmt serve` accepts it."""
+    from odmt_t4r.trust import write_manifest
+    from triton_models.export import FORMAT
+
     model = Path(root) / name
     (model / "1").mkdir(parents=True, exist_ok=True)
     (model / "config.pbtxt").write_text(CONFIG.format(name=name, k=TOY_K))
     (model / "1" / "model.py").write_text(TOY_MODEL.format(k=TOY_K, pad=PAD_IDS, init=init))
+    write_manifest(root, {"format": FORMAT, "toy": True})
     return Path(root)
 
 

@@ -14,9 +14,10 @@ import os
 import shutil
 import sys
 import sysconfig
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from odmt_t4r.output_folder import atomic_write
 
 STUB = "triton_python_backend_stub"
 SYSTEM_ROOT = Path("/opt/tritonserver")
@@ -44,15 +45,11 @@ def _same_file(a: Path, b: Path) -> bool:
 
 def _atomic_copy(src: Path, dst: Path) -> None:
     # Copy then rename, so concurrent servers never see a half-written stub.
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.")
-    os.close(fd)
-    try:
+    def copy(tmp: Path) -> None:
         shutil.copyfile(src, tmp)
         os.chmod(tmp, 0o755)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    atomic_write(dst, copy)
 
 
 def _cache_home() -> Path:

@@ -23,7 +23,13 @@ The leading 1 is the request's batch entry: the executor declares `max_batch_siz
 dynamic batcher can merge concurrent requests, and the executor scores all their sessions in one
 graph run. `--max-batch-size 0` keeps merlin's unbatched shapes ([N], [B+1], [B, K]), no batching.
 
-REPO/manifest.json records the run, data DIR, workflow, k, transform, batching, versions and checks.
+REPO/manifest.json records the run, data DIR, workflow, k, transform, batching, versions, checks and the
+sha256 of every file (signed when ODMT_SIGNING_KEY is set); `odmt serve` checks them before Triton loads
+anything. The repository is built next to REPO and swapped in whole (odmt_t4r/output_folder.py).
+
+Small catalogs: a session may leave fewer than k unseen items (a catalog smaller than k, or a session
+holding every item). The answer then holds what is left, padded with b"" IDs and -inf scores, the
+same in-process (`reference_recommend`, `check_in_process`) and served.
 """
 
 from __future__ import annotations
@@ -73,11 +79,16 @@ def run_data_dir(run: Path, data: str | Path | None = None) -> Path:
 
 
 def load_inference_workflow(data_dir: Path):
+    """The prepared DIR's fitted inference workflow (a pickle: the DIR is checked against its manifest first)."""
     import nvtabular as nvt
+
+    from odmt_t4r.prepare import FORMAT as PREPARED_FORMAT
+    from odmt_t4r.trust import verify_folder
 
     path = Path(data_dir) / "workflows" / "inference"
     if not (path / "workflow.pkl").is_file():
         raise FileNotFoundError(f"{path} holds no saved workflow: was {data_dir} made by `odmt prepare`?")
+    verify_folder(data_dir, PREPARED_FORMAT, "prepared folder")
     return nvt.Workflow.load(str(path))
 
 
@@ -158,6 +169,7 @@ def reference_recommend(model, workflow, item_ids: np.ndarray, sessions: Sequenc
     """What the served graph must answer: NVTabular's own `Workflow.transform` on the raw sessions,
     then the in-process model's `recommend` on the right-padded [B L] histories (pads 0), mapped to
     raw IDs with `item_ids` (index -> str, e.g. `catalog_ids`): (str object [B k], scores float32 [B k]).
+    Slots with no candidate left (every item seen, or fewer than k items) hold "" and -inf.
     Empty sessions are answered by popularity in serving (see predict.py), not by this function."""
     import pandas as pd
     import torch
@@ -170,22 +182,32 @@ def reference_recommend(model, workflow, item_ids: np.ndarray, sessions: Sequenc
         hist[i, : len(v)] = v
     with torch.inference_mode():
         scores, idx = model.recommend(torch.from_numpy(hist), k=k)
-    return np.asarray(item_ids, dtype=object)[idx.numpy()], scores.numpy()
+    scores, idx = scores.numpy(), idx.numpy()
+    found = np.isfinite(scores)
+    ids = np.full((len(hist), k), "", dtype=object)
+    padded = np.full((len(hist), k), -np.inf, dtype=np.float32)
+    ids[:, : idx.shape[1]] = np.where(found, np.asarray(item_ids, dtype=object)[idx], "")
+    padded[:, : idx.shape[1]] = np.where(found, scores, -np.inf)
+    return ids, padded
 
 
 def edge_sessions(vocab: Sequence[str], max_length: int) -> list[list[str]]:
-    """Sessions that exercise the request transform: unknown IDs, empty, long, repeated, odd strings."""
+    """Sessions that exercise the request transform and small catalogs: unknown IDs, empty, long,
+    repeated, odd strings, and the last `max_length` catalog items (every item of a small catalog,
+    so no candidate is left). Works from a one-item vocabulary up."""
     known = [v for v in vocab if v]
-    long = [known[i % len(known)] for i in range(3 * max_length + 1)]
+    pick = lambda i: known[i % len(known)]  # noqa: E731 - small catalogs repeat items
+    long = [pick(i) for i in range(3 * max_length + 1)]
     return [
         ["__unknown__"],
-        [known[0], "__unknown__", known[1]],
+        [pick(0), "__unknown__", pick(1)],
         [],
         long,
-        [known[2]] * 3,
-        ["", " ", known[0].lower(), known[0] + " ", "nan", "None", "0"],
+        [pick(2)] * 3,
+        ["", " ", pick(0).lower(), pick(0) + " ", "nan", "None", "0"],
         [known[-1]],
-        ["日本語", known[3]],
+        ["日本語", pick(3)],
+        known[-max_length:],
     ]
 
 
@@ -216,7 +238,11 @@ def check_in_process(ensemble, predict, workflow, sessions: Sequence[Sequence[st
         i = mismatched[0]
         raise AssertionError(f"{len(mismatched)} sessions differ from the in-process model, e.g. session {i}: "
                              f"{got_ids[i][:5].tolist()} vs {want_ids[i][:5].tolist()}")
-    diff = float(np.max(np.abs(got_scores[nonempty] - want_scores[nonempty]))) if nonempty.any() else 0.0
+    got, want = got_scores[nonempty], want_scores[nonempty]
+    if not np.array_equal(np.isfinite(got), np.isfinite(want)):
+        raise AssertionError("the served graph pads other slots (-inf scores) than the in-process model")
+    finite = np.isfinite(want)
+    diff = float(np.max(np.abs(got[finite] - want[finite]))) if finite.any() else 0.0
     if not diff <= atol:
         raise AssertionError(f"scores differ from the in-process model by up to {diff:.3g} (> {atol})")
     encode_checked = 0
@@ -305,12 +331,23 @@ def _versions() -> dict[str, str]:
 
 
 def export(run: str | Path, out: str | Path, cfg: ServingConfig | None = None, data_dir: str | Path | None = None,
-           check_sessions: int = 100, log=None) -> dict:
+           check_sessions: int = 100, log=None, force: bool = False) -> dict:
     """Builds, checks in-process, and writes the model repository `out`; returns its manifest.
-    `out` is written to `out`.partial first and replaces `out` only when everything succeeded."""
-    cfg = cfg or ServingConfig()
+    `out` is built next to it and swapped in only when everything succeeded (see OutputFolder); an
+    existing `out` is replaced only when odmt wrote it, `force` moves any other folder aside."""
+    from odmt_t4r.output_folder import OutputFolder
+
     say = log or (lambda msg: print(f"[export] {msg}", file=sys.stderr, flush=True))
-    run, out = Path(run).resolve(), Path(out).resolve()
+    with OutputFolder(out, FORMAT, force=force, what="model repository", log=say) as folder:
+        manifest = _export(Path(run).resolve(), folder.stage, cfg or ServingConfig(), data_dir, check_sessions, say)
+        folder.commit()
+    say(f"wrote {folder.out} ({', '.join(manifest['models'])})")
+    return manifest
+
+
+def _export(run: Path, stage: Path, cfg: ServingConfig, data_dir, check_sessions: int, say) -> dict:
+    from odmt_t4r.trust import write_manifest
+
     t0 = time.perf_counter()
     ensemble, predict, workflow = build_ensemble(run, data_dir, cfg)
     data_dir = Path(predict.data_dir)
@@ -328,9 +365,6 @@ def export(run: str | Path, out: str | Path, cfg: ServingConfig | None = None, d
         f"(max |score diff| {check['max_abs_score_diff']:.2g}, {check['encodings_checked']} encodings compared; "
         f"encoders {check['sequence_encoders']})")
 
-    stage = out.with_name(out.name + ".partial")
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
     with _operators_pickled_by_value():
         ensemble.export(str(stage), name=MODEL_NAME)  # swaps TransformWorkflow for TransformWorkflowTriton
     executor = stage / MODEL_NAME
@@ -362,11 +396,8 @@ def export(run: str | Path, out: str | Path, cfg: ServingConfig | None = None, d
         "check": check,
         "versions": _versions(),
     }
-    (stage / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    stage.rename(out)
-    say(f"wrote {out} ({', '.join(models)}) in {time.perf_counter() - t0:.1f}s")
+    manifest = write_manifest(stage, manifest)  # last: every file's sha256, signed when a key is set
+    say(f"built in {time.perf_counter() - t0:.1f}s")
     return manifest
 
 
@@ -382,7 +413,11 @@ def _chain(ensemble) -> list:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = ServingConfig()
     parser.add_argument("--run", required=True, help="a trained RUN folder (config.json, model.pt)")
-    parser.add_argument("--out", required=True, help="the model repository to write (replaced on success)")
+    parser.add_argument("--out", required=True, help="the model repository to write (replaced on success, and "
+                                                     "only if odmt wrote it)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an --out folder odmt did not write: it is moved aside to "
+                             "REPO.backup-<time>, never deleted")
     parser.add_argument("--k", type=int, default=d.k, help="recommendations per session")
     parser.add_argument("--transform", choices=TRANSFORMS, default=d.transform,
                         help="fast: vocabulary lookup in the executor; workflow: the saved NVTabular workflow")
@@ -401,7 +436,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = ServingConfig(k=args.k, transform=args.transform, max_batch_size=args.max_batch_size,
                         max_queue_delay_us=args.max_queue_delay_us, instances=args.instances)
     try:
-        manifest = export(args.run, args.out, cfg, data_dir=args.data, check_sessions=args.check_sessions)
+        manifest = export(args.run, args.out, cfg, data_dir=args.data, check_sessions=args.check_sessions,
+                          force=args.force)
     except FastPathUnsupported as exc:
         print(f"odmt export: error: the fast transform cannot reproduce this workflow ({exc}); "
               f"use --transform workflow", file=sys.stderr)

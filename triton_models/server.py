@@ -3,6 +3,15 @@
 `TritonServer` starts `tritonserver` (a system install, else the binary bundled in `nvidia-pytriton`)
 in its own process group on 127.0.0.1, tees its log, waits until the server and every model are
 ready, and on `stop()` leaves no process (python-backend stubs included) and no /dev/shm region behind.
+
+The server dies with its launcher, even when the launcher is SIGKILLed: tritonserver gets SIGTERM from
+the kernel when its parent dies (prctl PR_SET_PDEATHSIG, set by a tiny exec wrapper), and a watchdog
+process (_watchdog.py, in its own session) waits on a pipe only the launcher holds; when it closes, the
+watchdog stops the whole process group (stubs included, SIGKILL after a grace period) and removes the
+group's shared memory.
+
+`odmt serve` checks the repository against its manifest (hashes of every file, the signature when
+ODMT_SIGNING_KEY is set) before Triton loads anything from it: see odmt_t4r/trust.py.
 """
 
 from __future__ import annotations
@@ -25,6 +34,13 @@ from typing import TextIO
 from triton_models._tritonenv import TritonInstall, find_triton, server_env
 
 SHM_DIR = Path("/dev/shm")
+WATCHDOG = Path(__file__).with_name("_watchdog.py")
+PR_SET_PDEATHSIG = 1
+# exec wrapper: ask for SIGTERM when the launcher dies, give up if it already did, then become tritonserver
+_DIE_WITH_PARENT = ("import ctypes, os, sys\n"
+                    "ctypes.CDLL(None).prctl({opt}, {sig}, 0, 0, 0)\n"
+                    "if os.getppid() != int(sys.argv[1]): sys.exit(1)\n"
+                    "os.execv(sys.argv[2], sys.argv[2:])\n").format(opt=PR_SET_PDEATHSIG, sig=int(signal.SIGTERM))
 SHM_PREFIX = "triton_python_backend_shm_region_"
 ERROR_LINE = re.compile(r"E\d{4} ")
 GPU_NOISE = re.compile(r"(?i)cuda|gpu|nvml|dcgm")
@@ -102,6 +118,8 @@ class TritonServer:
         # A per-server shm prefix, so stop() removes exactly this server's python-backend regions.
         self.shm_prefix = f"{SHM_PREFIX}odmt{uuid.uuid4().hex[:12]}_"
         self.process: subprocess.Popen | None = None
+        self.watchdog: subprocess.Popen | None = None
+        self._watchdog_pipe: int | None = None  # write end: closing it (or dying) wakes the watchdog
         self._tail: collections.deque[str] = collections.deque(maxlen=400)
         self._reader: threading.Thread | None = None
 
@@ -151,18 +169,50 @@ class TritonServer:
         _check_free(self.host, [self.http_port, self.grpc_port, self.metrics_port])
         install = find_triton()
         sink = open(self.log_file, "a", encoding="utf-8") if self.log_file else None  # fail here, not in the thread
+        command = self.command(install)
+        if threading.current_thread() is threading.main_thread():
+            # PDEATHSIG fires when the forking THREAD exits: only tie the server to the main thread's life
+            command = [sys.executable, "-I", "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), *command]
         self.process = subprocess.Popen(
-            self.command(install), env=server_env(install), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            command, env=server_env(install), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, start_new_session=True)  # own group: stop() can reach the stubs
         self._reader = threading.Thread(target=self._pump_log, args=(sink,), name="tritonserver-log", daemon=True)
         self._reader.start()
         atexit.register(self.stop)
         try:
+            self._start_watchdog()
             self.wait_ready(self.timeout)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _start_watchdog(self) -> None:
+        read_end, write_end = os.pipe()  # both non-inheritable; Popen hands read_end over as stdin
+        try:
+            self.watchdog = subprocess.Popen(
+                [sys.executable, "-I", "-S", str(WATCHDOG), str(self.process.pid), self.shm_prefix,
+                 str(self.exit_timeout + 5)],
+                stdin=read_end, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True)  # outside the launcher's group: a signal to that group spares it
+        except BaseException:
+            os.close(write_end)
+            raise
+        finally:
+            os.close(read_end)
+        self._watchdog_pipe = write_end
+
+    def _stop_watchdog(self) -> None:
+        if self._watchdog_pipe is not None:
+            os.close(self._watchdog_pipe)  # EOF: the watchdog checks the (stopped) group and exits
+            self._watchdog_pipe = None
+        if self.watchdog is not None:
+            try:
+                self.watchdog.wait(10)
+            except subprocess.TimeoutExpired:
+                self.watchdog.kill()
+                self.watchdog.wait()
+            self.watchdog = None
 
     def _pump_log(self, sink: TextIO | None) -> None:
         try:
@@ -241,6 +291,7 @@ class TritonServer:
         if proc.stdout:
             proc.stdout.close()
         self._remove_shm()
+        self._stop_watchdog()
         return proc.returncode
 
     def _reap_group(self, pgid: int, grace: float = 3.0) -> None:
@@ -265,7 +316,8 @@ class TritonServer:
 # -- CLI ---------------------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--repo", required=True, help="Triton model repository")
+    parser.add_argument("--repo", required=True,
+                        help="model repository written by `odmt export` (checked against its manifest first)")
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
@@ -282,6 +334,17 @@ def _interrupt(signum, frame) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from odmt_t4r.output_folder import format_family, read_manifest
+    from odmt_t4r.trust import TrustError, clear_bytecode_caches, verify_folder
+    from triton_models.export import FORMAT
+
+    try:  # before Triton unpickles ensemble.pkl or imports a model.py from the repository
+        if format_family((read_manifest(Path(args.repo)) or {}).get("format")) == format_family(FORMAT):
+            clear_bytecode_caches(args.repo)  # left by an earlier server; a planted one would bypass the check
+        verify_folder(args.repo, FORMAT, "model repository (from odmt export)", strict=True)
+    except TrustError as exc:
+        print(f"odmt serve: error: {exc}", file=sys.stderr)
+        return 2
     server = TritonServer(args.repo, args.http_port, args.grpc_port, args.host, args.log_file,
                           metrics_port=args.metrics_port, timeout=args.timeout, echo=sys.stderr,
                           log_verbose=args.log_verbose)

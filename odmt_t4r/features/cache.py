@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
+from odmt_t4r.output_folder import atomic_write
+
 FORMAT_VERSION = 1  # bump when the array layout or the extraction code changes what gets stored
 
 
@@ -71,10 +73,10 @@ class FeatureCache:
 
 def link_or_copy(src: Path, dst: Path) -> None:
     """Place a cached file at dst atomically: hardlink (no extra disk) or copy across filesystems."""
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    def place(tmp: Path) -> None:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+
+    atomic_write(dst, place, fsync=False)  # a hardlink adds no data to flush

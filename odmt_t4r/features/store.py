@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from odmt_t4r.output_folder import atomic_write
+
 MANIFEST = "manifest.json"
 FILES = {"text": ("text.npy", "text_mask.npy"), "image": ("image.npy", "image_mask.npy")}
 
@@ -39,9 +41,7 @@ class ItemFeatures:
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 def array_info(path: Path) -> dict:
