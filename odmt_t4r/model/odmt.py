@@ -380,8 +380,13 @@ class OdmtRecommender(nn.Module):
         Item features come from `data_dir` (default: the DIR recorded at training time); if they are not
         there, the saved item vectors are used and the model can score but not train."""
         path = Path(path)
-        payload = json.loads((path / "config.json").read_text())
-        config = OdmtConfig.from_dict(payload["model"])
+        try:
+            payload = json.loads((path / "config.json").read_text())
+            config = OdmtConfig.from_dict(payload["model"])
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path} holds no saved model (config.json); train one with `odmt train`") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path / 'config.json'} is not a saved model's config ({type(exc).__name__}: {exc})") from exc
         content = [m for m in config.modalities if m != "id"]
         data_dir = data_dir or payload.get("data", {}).get("dir")
         features = Path(data_dir) / "features" if data_dir else None
@@ -389,11 +394,15 @@ class OdmtRecommender(nn.Module):
         if content and features is not None and all((features / f"{m}.npy").is_file() for m in content):
             store = ModalityStore.load(features, content, layout=config.token_layout())
         model = cls(config, store)
-        state = torch.load(path / "model.pt", map_location=map_location, weights_only=True)
-        model.load_state_dict(state)
+        state = _load_tensors(path / "model.pt", map_location)
+        try:
+            model.load_state_dict(state)
+        except (RuntimeError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{path / 'model.pt'} does not fit the model its config.json describes "
+                             f"({str(exc).splitlines()[0]}); it was written by another version or another run") from exc
         model.eval()
         if content and store is None:
-            catalog = torch.load(path / "item_vectors.pt", map_location=map_location, weights_only=True)
+            catalog = _load_tensors(path / "item_vectors.pt", map_location)
             model._catalog, model._frozen_catalog = catalog, True
         return model
 
@@ -401,6 +410,17 @@ class OdmtRecommender(nn.Module):
 def build_model(name: str, data_dir: str | os.PathLike | PreparedInfo, **overrides) -> OdmtRecommender:
     """`model_registry` entry point: a fresh `name` model for a prepared DIR."""
     return OdmtRecommender.from_prepared(data_dir, name=name, **overrides)
+
+
+def _load_tensors(path: Path, map_location) -> dict:
+    """torch.load with weights_only (no code runs), and one clear error for a missing or damaged file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the folder is not a complete saved model")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated, corrupted or not a tensor file
+        raise ValueError(f"{path} cannot be read ({type(exc).__name__}): it is truncated or corrupted; "
+                         "train again or restore the file") from exc
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
