@@ -93,5 +93,26 @@ def run(args: argparse.Namespace) -> int:
     metrics.update({"model": model.config.name, "data": str(data.root),
                     "seconds": round(time.perf_counter() - t0, 2)})
     (run_dir / f"metrics-{args.split}.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    print(scorer_table(metrics, model.branch_names), file=sys.stderr)
     print(json.dumps(metrics, indent=2))
     return 0
+
+
+def scorer_table(metrics: dict, branches: list[str]) -> str:
+    """A readable table (for stderr): each branch, the plain mean and the chosen fusion, overall and on
+    the long-tail slice, with coverage@10."""
+    fusion = metrics.get("fusion", {})
+    chosen = "mean" if not fusion.get("weights") else f"{fusion.get('scores')} " + " ".join(
+        f"{b}:{w:g}" for b, w in fusion["weights"].items() if w > 0)
+    rows = [(b, f"{b}/") for b in branches]
+    if "mean/NDCG@10" in metrics:
+        rows.append(("mean (paper)", "mean/"))
+    rows.append((f"fused [{chosen}]", ""))
+    lines = [f"{metrics['split']}: {metrics['n_users']} users, long-tail slice {metrics.get('longtail_users', 0)} "
+             f"({metrics.get('longtail_rule', '')})",
+             f"{'scorer':<34} {'HR@10':>7} {'NDCG@10':>8} {'HR@20':>7} {'NDCG@20':>8} {'tail NDCG@10':>13} {'cover@10':>9}"]
+    for name, pre in rows:
+        get = lambda k: metrics.get(k, float("nan"))  # noqa: E731
+        lines.append(f"{name:<34} {get(pre + 'HR@10'):7.4f} {get(pre + 'NDCG@10'):8.4f} {get(pre + 'HR@20'):7.4f} "
+                     f"{get(pre + 'NDCG@20'):8.4f} {get('longtail/' + pre + 'NDCG@10'):13.4f} {get(pre + 'coverage@10'):9.4f}")
+    return "\n".join(lines)
