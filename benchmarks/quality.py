@@ -40,12 +40,7 @@ VARIANTS = {
     "odmt-full": dict(loss="full"),
     "odmt-in-batch": dict(loss="in_batch"),
 }
-# RecBole 1.2.1 on the same ml-100k split, re-scored with the user's earlier items excluded (issue 3).
-RECBOLE_ML100K = {
-    "RecBole Pop": {"HR@10": 0.0848, "NDCG@10": 0.0446, "HR@20": 0.1262, "NDCG@20": 0.0549},
-    "RecBole SASRec": {"HR@10": 0.2100, "NDCG@10": 0.1058, "HR@20": 0.3150, "NDCG@20": 0.1320},
-    "RecBole GRU4Rec": {"HR@10": 0.2036, "NDCG@10": 0.1073, "HR@20": 0.3330, "NDCG@20": 0.1400},
-}
+from odmt_t4r.anchors import RECBOLE_ML100K  # noqa: E402  (RecBole 1.2.1, same split, re-scored)
 
 
 def prepared(dataset: str, work: Path) -> Path:

@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from .cache import FORMAT_VERSION, FeatureCache, content_key, file_bytes_digest, link_or_copy
 from .config import MODALITIES, RESERVED_ROWS, FeatureConfig
@@ -173,15 +171,18 @@ def _build_one(job: _Job, n_index: int, config: FeatureConfig, cache: FeatureCac
 
 def _encode(job: _Job, n_index: int, config: FeatureConfig, staged: Path) -> dict:
     """Run the encoder in batches, writing rows straight into a memory-mapped .npy (catalogs may exceed RAM)."""
+    from odmt_t4r.training.progress import progress_bar  # here: the training package imports T4R
+
     tokens = mask = None
     failures: list[dict] = []
     n_failed = 0
-    bar = tqdm(total=len(job.idx), desc=f"{job.modality} features [{job.encoder.name}]", unit="item",
-               file=sys.stderr, disable=not config.progress)
-    with bar, torch.inference_mode():  # also covers plugged-in encoders that forget it
-        for start in range(0, len(job.idx), config.batch_size):
+    starts = range(0, len(job.idx), config.batch_size)
+    # a bar on a terminal, plain lines with rate and time left in logs
+    bar = progress_bar(starts, total=len(starts), desc=f"{job.modality} features [{job.encoder.name}], "
+                       f"batches of {config.batch_size} items", enabled=config.progress)
+    with torch.inference_mode():  # also covers plugged-in encoders that forget it
+        for start in bar:
             rows, inputs = job.idx[start:start + config.batch_size], job.values[start:start + config.batch_size]
-            n_batch = len(rows)
             if job.modality == "image":
                 rows, inputs, failed = _decode_images(rows, inputs)
                 n_failed += len(failed)
@@ -192,7 +193,6 @@ def _encode(job: _Job, n_index: int, config: FeatureConfig, staged: Path) -> dic
                     tokens, mask = _allocate(job, staged, n_index, tok.shape[1:])
                 tokens[rows] = _checked_fp16(job, tok * tok_mask[..., None], tokens.shape[1:])  # masked slots = 0
                 mask[rows] = tok_mask if job.modality == "text" else tok_mask.any(1)
-            bar.update(n_batch)
     meta = {
         "built": tokens is not None,
         "encoder": encoder_identity(job.encoder),

@@ -20,7 +20,7 @@ class FeatureConfig:
     text_encoder_folder: str | None = None  # a local Hugging Face folder; None = the encoder's default
     image_encoder: str = "efficientnet-lite0"  # a name in IMAGE_ENCODERS
     device: str = "cpu"  # "cuda" where a GPU is available; not part of the hash
-    progress: bool = True  # tqdm bars on stderr
+    progress: bool = True  # on stderr: a bar on a terminal, plain lines otherwise
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "modalities", tuple(self.modalities))  # lists from YAML/CLI hash like tuples
