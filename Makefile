@@ -3,8 +3,6 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.odmt-setup-stamp
-DATA   ?= data/fashion
-RUN_DIR ?= runs
 PYTEST_ARGS ?=
 
 .PHONY: setup run test bench clean
@@ -17,18 +15,13 @@ $(STAMP): constraints-cpu.txt pyproject.toml scripts/setup.sh
 	touch $(STAMP)
 
 EPOCHS ?= 5  # the main job is a demonstration; benchmarks/quality.py trains to convergence
+WORK   ?= work
 
-# The main job on the bundled fashion store: prepare, train ODMT and the ID-only baseline, compare,
-# then serve ODMT on a real Triton server and show a few recommendations.
+# The main job (`odmt run`, odmt_t4r/pipeline.py) on the bundled fashion store: prepare, train ODMT and the
+# ID-only baseline, evaluate both, serve ODMT on a real Triton server with example sessions, write
+# $(WORK)/report.html. A second `make run` skips the stages that are done; a failed one resumes.
 run: setup
-	$(BIN)/odmt prepare --source fashion --out $(DATA)
-	rm -rf $(RUN_DIR)/odmt $(RUN_DIR)/sasrec
-	$(BIN)/odmt train --data $(DATA) --model odmt --out $(RUN_DIR)/odmt --epochs $(EPOCHS)
-	$(BIN)/odmt train --data $(DATA) --model sasrec --out $(RUN_DIR)/sasrec --epochs $(EPOCHS)
-	$(BIN)/odmt evaluate --run $(RUN_DIR)/odmt --split test > /dev/null
-	$(BIN)/odmt evaluate --run $(RUN_DIR)/sasrec --split test > /dev/null
-	$(BIN)/python scripts/compare_runs.py $(RUN_DIR)/odmt $(RUN_DIR)/sasrec
-	$(BIN)/python scripts/demo_serving.py --run $(RUN_DIR)/odmt --data $(DATA)
+	$(BIN)/odmt run --out $(WORK) --epochs $(EPOCHS)
 
 test: setup
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
@@ -40,4 +33,4 @@ bench: setup
 	$(BIN)/python benchmarks/quality.py
 
 clean:
-	rm -rf data runs repo .pytest_cache
+	rm -rf $(WORK) data runs repo .pytest_cache

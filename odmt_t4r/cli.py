@@ -22,6 +22,8 @@ COMMANDS = {
     "export": ("triton_models.export", "export a RUN as a Triton model repository (merlin-systems ensemble)"),
     "serve": ("triton_models.server", "start a real Triton server on a model repository"),
     "recommend": ("triton_models.client", "ask a running server for recommendations"),
+    "run": ("odmt_t4r.pipeline", "the main job: prepare, train ODMT and a baseline, evaluate, serve on Triton, report"),
+    "report": ("odmt_t4r.report", "write the HTML report (figures, metrics, example sessions) of a finished RUN"),
 }
 
 # Bad input, missing or misplaced files: the message is the whole story. Anything else is a bug.

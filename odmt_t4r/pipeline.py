@@ -1,0 +1,548 @@
+"""`odmt run`: the main job in one command, from a source to recommendations served by Triton and a report.
+
+    odmt run [--source fashion|ml-100k|csv|parquet ...] [--out WORK] [--epochs N] [--model odmt] [--baseline sasrec]
+
+Stages, in order (each one reads what the ones before it wrote):
+
+    prepare          the source -> WORK/data                  (odmt prepare)
+    train-<model>    WORK/data -> WORK/runs/<model>           (odmt train; ODMT and the ID-only baseline)
+    evaluate-<model> WORK/runs/<model>/metrics-test.json      (odmt evaluate --split test)
+    export           WORK/runs/<model> -> WORK/repo           (odmt export)
+    serve            starts tritonserver on WORK/repo, sends held-out test sessions over HTTP and gRPC,
+                     prints the answers with item text, stops it; WORK/served.json
+    report           WORK/report.html                         (odmt report)
+
+Each stage writes a record `WORK/stages/<stage>.json`: its inputs (settings and the sha256 of what it
+read), the sha256 of what it wrote, its time. A later `odmt run` on the same WORK skips a stage whose
+record is finished, whose inputs are unchanged and whose outputs are still as written; a stage whose
+inputs changed runs again, and so does everything after it whose inputs it changes. A stage that fails
+(or is interrupted) names itself and why; running the same command again resumes there, and a training
+stage continues from its last finished epoch.
+
+Logs and progress go to stderr (plain lines when stderr is not a terminal); results go to stdout: the
+data summary, the test metrics side by side, the served answers and the report's path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import sys
+import textwrap
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+STAGE_FORMAT = "odmt-stage/1"
+METRICS = ("HR@10", "NDCG@10", "HR@20", "NDCG@20")
+USER_ERRORS = (ValueError, OSError)
+
+
+def log(message: str) -> None:
+    print(f"[run] {message}", file=sys.stderr, flush=True)
+
+
+def sha256_of(path: Path) -> str | None:
+    from odmt_t4r.trust import sha256_file
+
+    return sha256_file(path) if path.is_file() else None
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+# -- stage records -------------------------------------------------------------------------------------
+
+class StageFailed(ValueError):
+    """A stage raised: the message names the stage, the cause and how to resume."""
+
+
+@dataclass
+class Stage:
+    name: str
+    inputs: dict  # JSON: settings and the sha256 of what the stage reads
+    outputs: list[str]  # files (relative to WORK) whose sha256 the record keeps
+    run: Callable[[bool], dict | None]  # run(resume) -> facts for the record; resume: the last try did not finish
+    verify: Callable[[], object] | None = None  # raises when the outputs are no longer whole (checked on skip)
+    resume_note: str = ""  # what resuming means for this stage
+
+
+@dataclass
+class StageRecords:
+    """WORK/stages/<stage>.json: {"status": "running" | "failed" | "done", inputs, outputs, seconds, facts}."""
+
+    work: Path
+    say: Callable[[str], None] = log
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    done: list[str] = field(default_factory=list)  # ran or skipped, in order
+
+    @property
+    def folder(self) -> Path:
+        return self.work / "stages"
+
+    def read(self, name: str) -> dict | None:
+        try:
+            record = json.loads((self.folder / f"{name}.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) and record.get("format") == STAGE_FORMAT else None
+
+    def _write(self, name: str, record: dict) -> None:
+        from odmt_t4r.output_folder import atomic_write
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.folder / f"{name}.json", json.dumps(record, indent=2, default=str) + "\n", fsync=False)
+
+    def outputs_now(self, stage: Stage) -> dict[str, str | None]:
+        return {rel: sha256_of(self.work / rel) for rel in stage.outputs}
+
+    def finished(self, stage: Stage, key: str) -> dict | None:
+        """The stage's record when it can be skipped: done, same inputs, outputs as written."""
+        record = self.read(stage.name)
+        if not record or record.get("status") != "done" or record.get("inputs_sha256") != key:
+            return None
+        if record.get("outputs") != self.outputs_now(stage):
+            self.say(f"{stage.name}: its outputs changed since it finished; running it again")
+            return None
+        if stage.verify is not None:
+            try:
+                stage.verify()
+            except Exception as exc:  # noqa: BLE001 - any doubt about the outputs: rebuild them
+                self.say(f"{stage.name}: {str(exc).splitlines()[0]}; running it again")
+                return None
+        return record
+
+    def run(self, stage: Stage) -> dict:
+        key = _digest(stage.inputs)
+        record = self.finished(stage, key)
+        if record is not None:
+            self.skipped.append(stage.name)
+            self.done.append(stage.name)
+            self.say(f"{stage.name}: done earlier ({record['seconds']:.1f}s), inputs unchanged: skipped")
+            return record
+        before = self.read(stage.name)
+        resume = bool(before and before.get("status") in ("running", "failed") and before.get("inputs_sha256") == key)
+        record = {"format": STAGE_FORMAT, "stage": stage.name, "status": "running", "inputs_sha256": key,
+                  "inputs": stage.inputs, "started": _now(), "resumed": resume}
+        self._write(stage.name, record)
+        self.say(f"{stage.name}: {'resuming' if resume else 'running'}")
+        t0 = time.perf_counter()
+        try:
+            facts = stage.run(resume) or {}
+        except BaseException as exc:
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else type(exc).__name__
+            self._write(stage.name, {**record, "status": "failed", "error": reason,
+                                     "seconds": round(time.perf_counter() - t0, 2)})
+            if isinstance(exc, Exception):
+                raise self.failure(stage, exc) from exc
+            self.say(f"interrupted in stage '{stage.name}'; run the same command again to resume there")
+            raise
+        record.update(status="done", finished=_now(), seconds=round(time.perf_counter() - t0, 2),
+                      outputs=self.outputs_now(stage), facts=facts)
+        self._write(stage.name, record)
+        self.ran.append(stage.name)
+        self.done.append(stage.name)
+        self.say(f"{stage.name}: done in {record['seconds']:.1f}s")
+        return record
+
+    def failure(self, stage: Stage, exc: Exception) -> StageFailed:
+        """The message: the cause's details first, then one line naming the stage, the cause and the way on."""
+        headline, _, details = (str(exc).strip() or type(exc).__name__).partition("\n")
+        if not isinstance(exc, USER_ERRORS):
+            headline = f"unexpected {type(exc).__name__}: {headline} (rerun with --debug for the traceback)"
+        kept = f"; {', '.join(self.done)} stay done and will be skipped" if self.done else ""
+        note = f" ({stage.resume_note})" if stage.resume_note else ""
+        return StageFailed(f"{details}\n" * bool(details) +
+                           f"stage '{stage.name}' failed: {headline}. Fix the cause and run the same `odmt run` "
+                           f"command again to resume at '{stage.name}'{note}{kept}")
+
+
+# -- the work folder -----------------------------------------------------------------------------------
+
+class WorkFolder:
+    """WORK: new, empty, or one that `odmt run` wrote (it has stages/); held by one `odmt run` at a time."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path).expanduser().resolve()
+        self._fd: int | None = None
+
+    def __enter__(self) -> Path:
+        p = self.path
+        if p.exists() and not p.is_dir():
+            raise ValueError(f"--out {p} is a file, not a folder; give a folder path")
+        if p.is_dir() and any(p.iterdir()) and not (p / "stages").is_dir():
+            entries = sorted(x.name for x in p.iterdir())
+            raise ValueError(f"--out {p} is not empty and is not a folder `odmt run` wrote (no stages/; holds "
+                             f"{', '.join(entries[:3])}{'...' if len(entries) > 3 else ''}); choose another --out")
+        (p / "stages").mkdir(parents=True, exist_ok=True)
+        fd = os.open(p / ".odmt-run.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+            os.close(fd)
+            raise ValueError(f"another `odmt run` is using {p} ({holder}); wait for it to finish") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return p
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # releases the lock
+            self._fd = None
+
+
+# -- settings ------------------------------------------------------------------------------------------
+
+@dataclass
+class RunOptions:
+    out: str = "work"
+    source: str = "fashion"
+    interactions: str | None = None
+    items: str | None = None
+    timestamp_format: str | None = None
+    n_items: int | None = None
+    max_length: int = 20
+    fashion_mnist_dir: str | None = None
+    model: str = "odmt"
+    baseline: str = "sasrec"
+    epochs: int = 5  # a demonstration budget; benchmarks/quality.py trains to convergence
+    seed: int | None = None
+    config: str | None = None  # JSON of TrainConfig / OdmtConfig fields, for both models
+    sessions: int = 4  # example test sessions sent to the server and shown in the report
+    k: int = 10
+    transform: str = "fast"
+    sessions_seed: int = 0
+
+
+def prepare_config(o: RunOptions, work: Path):
+    from odmt_t4r.prepare import PrepareConfig
+
+    cfg = PrepareConfig(source=o.source, out=str(work / "data"), interactions=o.interactions, items=o.items,
+                        timestamp_format=o.timestamp_format, n_items=o.n_items, max_length=o.max_length,
+                        fashion_mnist_dir=o.fashion_mnist_dir)
+    cfg.validate()
+    return cfg
+
+
+def train_config(o: RunOptions, model: str):
+    """TrainConfig of one model: the --config file, then --epochs / --seed, then the model preset."""
+    from odmt_t4r.training.train import TrainConfig, settings_from_args
+
+    settings = settings_from_args(argparse.Namespace(config=o.config, model=None, seed=o.seed, no_progress=False))
+    settings.update(model=model, epochs=o.epochs, progress=True)
+    return TrainConfig.from_dict(settings).validate()
+
+
+def check_options(o: RunOptions) -> None:
+    from odmt_t4r.model import model_registry
+
+    for name in ("epochs", "sessions", "k"):
+        if getattr(o, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(o, name)}")
+    for flag, name in (("--model", o.model), ("--baseline", o.baseline)):
+        if name not in model_registry:
+            raise ValueError(f"{flag} {name!r} is not a model; choose one of {sorted(model_registry)}")
+    if o.model == o.baseline:
+        raise ValueError(f"--model and --baseline are both {o.model!r}; the report compares two models")
+
+
+# -- the stages ----------------------------------------------------------------------------------------
+
+def prepare_stage(o: RunOptions, work: Path) -> Stage:
+    from odmt_t4r.prepare import FORMAT, prepare
+    from odmt_t4r.trust import verify_folder
+
+    cfg = prepare_config(o, work)
+    files = {name: sha256_of(Path(p)) for name, p in (("interactions", cfg.interactions), ("items", cfg.items)) if p}
+    settings = {k: v for k, v in asdict(cfg).items() if k != "out"}
+
+    def run(resume: bool) -> dict:
+        manifest = prepare(cfg)  # builds aside and swaps in; replaces WORK/data only because odmt wrote it
+        return {"counts": manifest["counts"], "modalities": manifest["modalities"]}
+
+    return Stage("prepare", {"settings": settings, "files": files}, ["data/manifest.json"], run,
+                 verify=lambda: verify_folder(work / "data", FORMAT, "prepared folder"))
+
+
+def _remove_run(run_dir: Path) -> None:
+    """Clears a RUN that `odmt run` trained earlier, before training it again from scratch."""
+    if not run_dir.exists():
+        return
+    try:
+        fmt = json.loads((run_dir / "config.json").read_text()).get("format")
+    except (OSError, ValueError):
+        fmt = None
+    if not (fmt or "").startswith("odmt-") and any(run_dir.iterdir()):
+        raise ValueError(f"{run_dir} holds files that are not an odmt training run; move them away")
+    shutil.rmtree(run_dir)
+
+
+def train_stage(o: RunOptions, work: Path, model: str) -> Stage:
+    from odmt_t4r.training.train import train_run
+
+    cfg = train_config(o, model)
+    run_dir = work / "runs" / model
+    inputs = {"data": sha256_of(work / "data" / "manifest.json"), "train": cfg.to_dict()}
+
+    def run(resume: bool) -> dict:
+        resume = resume and (run_dir / "checkpoint.pt").is_file()
+        if not resume:
+            _remove_run(run_dir)  # stale: trained on other data or settings, or never checkpointed
+        summary = train_run(cfg, work / "data", run_dir, resume=resume)
+        return {k: summary[k] for k in ("best_epoch", "epochs_run", "stopped")} | {"fusion": summary["fusion"]["name"]}
+
+    return Stage(f"train-{model}", inputs, [f"runs/{model}/{f}" for f in ("config.json", "model.pt", "log.jsonl")],
+                 run, resume_note="training continues from its last finished epoch")
+
+
+def run_hashes(work: Path, model: str) -> dict:
+    return {f: sha256_of(work / "runs" / model / f) for f in ("config.json", "model.pt", "item_vectors.pt")}
+
+
+def test_metrics(run_dir: Path, data_dir: Path | None = None) -> dict:
+    """`odmt evaluate --split test` of a RUN, in memory: fused and per-branch HR/NDCG, long tail, coverage."""
+    import torch
+
+    from odmt_t4r.model import OdmtRecommender
+    from odmt_t4r.training.data import PreparedData
+    from odmt_t4r.training.evaluate import evaluate_model
+
+    data_dir = data_dir or Path(json.loads((run_dir / "config.json").read_text())["data"]["dir"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as `odmt evaluate`: a second thread only contends on 2 cores
+    try:
+        t0 = time.perf_counter()
+        model = OdmtRecommender.from_pretrained(run_dir, data_dir=data_dir)
+        metrics = evaluate_model(model, PreparedData(data_dir), "test", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    metrics.update({"model": model.config.name, "data": str(data_dir), "seconds": round(time.perf_counter() - t0, 2)})
+    return metrics
+
+
+def evaluate_stage(work: Path, model: str) -> Stage:
+    from odmt_t4r.output_folder import atomic_write
+
+    run_dir = work / "runs" / model
+    inputs = {"run": run_hashes(work, model), "data": sha256_of(work / "data" / "manifest.json")}
+
+    def run(resume: bool) -> dict:
+        metrics = test_metrics(run_dir, work / "data")
+        atomic_write(run_dir / "metrics-test.json", json.dumps(metrics, indent=2) + "\n", fsync=False)
+        return {m: metrics[m] for m in METRICS}
+
+    return Stage(f"evaluate-{model}", inputs, [f"runs/{model}/metrics-test.json"], run)
+
+
+def export_stage(o: RunOptions, work: Path) -> Stage:
+    from odmt_t4r.trust import clear_bytecode_caches, verify_folder
+    from triton_models.export import FORMAT, ServingConfig, export
+
+    cfg = ServingConfig(k=o.k, transform=o.transform)
+    inputs = {"run": run_hashes(work, o.model), "data": sha256_of(work / "data" / "manifest.json"),
+              "serving": asdict(cfg)}
+
+    def run(resume: bool) -> dict:
+        manifest = export(work / "runs" / o.model, work / "repo", cfg, data_dir=work / "data", check_sessions=50,
+                          log=lambda m: print(f"[export] {m}", file=sys.stderr, flush=True))
+        return {"models": manifest["models"], "check": manifest["check"]}
+
+    def verify() -> None:
+        clear_bytecode_caches(work / "repo")  # tritonserver's python stub leaves them; `odmt serve` clears them too
+        verify_folder(work / "repo", FORMAT, "model repository", strict=True)
+
+    return Stage("export", inputs, ["repo/manifest.json"], run, verify=verify)
+
+
+def held_out_sessions(data_dir: Path, n: int, seed: int = 0) -> list[dict]:
+    """`n` users of the test split: {"row", "history" (raw IDs, oldest first), "target" (the held-out next
+    item)}; the same users for the same seed."""
+    import numpy as np
+    import pandas as pd
+
+    from odmt_t4r.prepare import read_split
+
+    frame = read_split(data_dir / "test", ["seen-list", "item_id-list"])
+    items = pd.read_parquet(data_dir / "items.parquet", columns=["item_idx", "item_id"])
+    raw = dict(zip(items["item_idx"].tolist(), items["item_id"].astype(str).tolist()))
+    rows = np.random.default_rng(seed).choice(len(frame), size=min(n, len(frame)), replace=False)
+    return [{"row": int(r), "history": [raw[int(i)] for i in frame["seen-list"].iloc[r]],
+             "target": raw[int(frame["item_id-list"].iloc[r][-1])]} for r in rows]
+
+
+def serve_sessions(repo: Path, sessions: list[dict], k: int, server_log: Path) -> dict:
+    """Starts tritonserver on `repo` (checked against its manifest first, as `odmt serve` does), asks it for
+    each session's top-k over HTTP and gRPC, stops it. Returns the answers and timings. The server reads a
+    session's latest `max_length` items and leaves those out of its answers."""
+    from odmt_t4r.trust import clear_bytecode_caches, verify_folder
+    from triton_models.client import RecommenderClient
+    from triton_models.export import FORMAT
+    from triton_models.server import TritonServer
+
+    clear_bytecode_caches(repo)  # left by an earlier server; a planted one would bypass the check
+    manifest = verify_folder(repo, FORMAT, "model repository (from odmt export)", strict=True)
+    server_log.parent.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    with TritonServer(repo, log_file=server_log) as server:
+        ready_s = time.perf_counter() - t
+        log(f"tritonserver ready in {ready_s:.1f}s (HTTP {server.http_url}, gRPC {server.grpc_url}); log {server_log}")
+        histories = [s["history"] for s in sessions]
+        with RecommenderClient(server.http_url, "http") as http, RecommenderClient(server.grpc_url, "grpc") as grpc:
+            t = time.perf_counter()
+            answers = http.recommend(histories, k)
+            request_ms = (time.perf_counter() - t) * 1e3
+            over_grpc = grpc.recommend(histories, k)
+        urls = {"http": server.http_url, "grpc": server.grpc_url}
+    if over_grpc != answers:
+        raise ValueError("the server's HTTP and gRPC answers differ for the same sessions")
+    out = []
+    for s, recs in zip(sessions, answers):
+        ids = [i for i, _ in recs]
+        out.append({**s, "answers": [[i, float(score)] for i, score in recs],
+                    "target_rank": ids.index(s["target"]) + 1 if s["target"] in ids else None})
+    return {"k": k, "served": True, "max_length": manifest["max_length"], "server": urls, "server_ready_s": round(ready_s, 2),
+            "request_ms": round(request_ms, 2), "grpc_same_answers": True, "sessions": out}
+
+
+def serve_stage(o: RunOptions, work: Path) -> Stage:
+    from odmt_t4r.output_folder import atomic_write
+
+    inputs = {"repo": sha256_of(work / "repo" / "manifest.json"), "sessions": o.sessions, "k": o.k,
+              "seed": o.sessions_seed}
+
+    def run(resume: bool) -> dict:
+        sessions = held_out_sessions(work / "data", o.sessions, o.sessions_seed)
+        served = serve_sessions(work / "repo", sessions, o.k, work / "logs" / "tritonserver.log")
+        served["repo"] = str(work / "repo")
+        atomic_write(work / "served.json", json.dumps(served, indent=2) + "\n", fsync=False)
+        return {"request_ms": served["request_ms"], "hits": sum(s["target_rank"] is not None for s in served["sessions"])}
+
+    return Stage("serve", inputs, ["served.json"], run,
+                 resume_note=f"the server's log is {work / 'logs' / 'tritonserver.log'}")
+
+
+def report_stage(o: RunOptions, work: Path) -> Stage:
+    from odmt_t4r import report
+
+    reads = [f"runs/{m}/{f}" for m in (o.model, o.baseline) for f in ("metrics-test.json", "log.jsonl", "config.json")]
+    inputs = {"files": {rel: sha256_of(work / rel) for rel in [*reads, "served.json", "data/manifest.json"]},
+              "code": sha256_of(Path(report.__file__))}
+
+    def run(resume: bool) -> dict:
+        path = report.build_report(work / "runs" / o.model, work / "report.html", baseline=work / "runs" / o.baseline,
+                                   work=work)
+        return {"bytes": path.stat().st_size}
+
+    return Stage("report", inputs, ["report.html"], run)
+
+
+# -- what the user reads on stdout ---------------------------------------------------------------------
+
+def describe(item_id: str, text: dict, width: int = 78) -> str:
+    return textwrap.shorten(f"{item_id}  {text.get(item_id, '')}", width=width, placeholder="...")
+
+
+def print_comparison(work: Path, models: list[str]) -> None:
+    rows = [(m, json.loads((work / "runs" / m / "metrics-test.json").read_text())) for m in models]
+    print(f"\ntest split: every item ranked, each user's earlier items excluded ({rows[0][1]['n_users']:,} users)")
+    width = max(len(m) for m in models) + 2
+    print("model".ljust(width) + "".join(k.rjust(10) for k in METRICS))
+    for name, m in rows:
+        print(name.ljust(width) + "".join(f"{m[k]:10.4f}" for k in METRICS))
+    (first, a), (second, b) = rows[0], rows[-1]
+    if b["NDCG@10"]:
+        print(f"{first} NDCG@10 / {second} NDCG@10 = {a['NDCG@10'] / b['NDCG@10']:.2f}x")
+
+
+def print_served(work: Path, show_history: int = 4) -> None:
+    import pandas as pd
+
+    served = json.loads((work / "served.json").read_text())
+    items = pd.read_parquet(work / "data" / "items.parquet")
+    text = dict(zip(items["item_id"].astype(str), items["text"].fillna(""))) if "text" in items else {}
+    print(f"\nserved by Triton (HTTP {served['server']['http']}; gRPC gave the same answers): "
+          f"{len(served['sessions'])} held-out test sessions in one request, {served['request_ms']:.1f} ms")
+    for n, s in enumerate(served["sessions"], 1):
+        history = s["history"]
+        print(f"session {n}: {len(history)} items, latest {min(show_history, len(history))}:")
+        for item in history[-show_history:]:
+            print(f"      {describe(item, text)}")
+        print(f"  held-out next item: {describe(s['target'], text)}")
+        print(f"  top-{served['k']} (served):")
+        for rank, (item, score) in enumerate(s["answers"], 1):
+            mark = "  <- the held-out next item" if item == s["target"] else ""
+            print(f"  {rank:>3}. {score:8.3f}  {describe(item, text, 66)}{mark}")
+
+
+# -- the command ---------------------------------------------------------------------------------------
+
+def run_pipeline(o: RunOptions) -> dict:
+    """Runs (or resumes) every stage into WORK; returns {"work", "report", "ran", "skipped", "seconds"}."""
+    from odmt_t4r.prepare import summary
+
+    check_options(o)  # every setting is checked before WORK is touched
+    prepare_config(o, Path(o.out))
+    for model in (o.model, o.baseline):
+        train_config(o, model)
+    t0 = time.perf_counter()
+    with WorkFolder(o.out) as work:
+        records = StageRecords(work)
+        records.run(prepare_stage(o, work))
+        print(summary(json.loads((work / "data" / "manifest.json").read_text())), flush=True)
+        for model in (o.model, o.baseline):
+            records.run(train_stage(o, work, model))
+        for model in (o.model, o.baseline):
+            records.run(evaluate_stage(work, model))
+        print_comparison(work, [o.model, o.baseline])
+        records.run(export_stage(o, work))
+        records.run(serve_stage(o, work))
+        print_served(work)
+        records.run(report_stage(o, work))
+        seconds = time.perf_counter() - t0
+        times = ", ".join(f"{name} {(records.read(name) or {}).get('seconds', 0):.0f}s" for name in records.ran)
+        log(f"finished in {seconds:.0f}s" + (f" (ran {times})" if times else "") +
+            (f"; skipped {', '.join(records.skipped)}" if records.skipped else ""))
+        print(f"\nreport: {work / 'report.html'}", flush=True)
+        return {"work": str(work), "report": str(work / "report.html"), "ran": records.ran,
+                "skipped": records.skipped, "seconds": round(seconds, 1)}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = RunOptions()
+    p.add_argument("--out", default=d.out, help=f"the work folder WORK (default: {d.out})")
+    p.add_argument("--source", choices=["fashion", "ml-100k", "csv", "parquet"], default=d.source)
+    p.add_argument("--interactions", help="csv/parquet: user_id (or session_id), item_id, timestamp")
+    p.add_argument("--items", help="csv/parquet: item_id, optional text, optional image (file path)")
+    p.add_argument("--timestamp-format", default=None, help="csv/parquet: as for `odmt prepare`")
+    p.add_argument("--n-items", type=int, default=None, help="fashion: catalog size")
+    p.add_argument("--max-length", type=int, default=d.max_length)
+    p.add_argument("--fashion-mnist-dir", default=None)
+    p.add_argument("--model", default=d.model, help=f"the model (default: {d.model})")
+    p.add_argument("--baseline", default=d.baseline, help=f"the model it is compared with (default: {d.baseline})")
+    p.add_argument("--epochs", type=int, default=d.epochs, help=f"epoch budget of both models (default: {d.epochs})")
+    p.add_argument("--seed", type=int, default=None, help="training seed (default: TrainConfig's)")
+    p.add_argument("--config", default=None,
+                   help="JSON of TrainConfig / OdmtConfig fields for both models (e.g. {\"d_model\": 32})")
+    p.add_argument("--sessions", type=int, default=d.sessions, help="held-out test sessions sent to the server")
+    p.add_argument("--k", type=int, default=d.k, help="recommendations per session")
+    p.add_argument("--transform", choices=("fast", "workflow"), default=d.transform,
+                   help="the served request transform (see `odmt export`)")
+
+
+def run(args: argparse.Namespace) -> int:
+    names = {f for f in RunOptions.__dataclass_fields__}
+    run_pipeline(RunOptions(**{k: v for k, v in vars(args).items() if k in names}))
+    return 0
