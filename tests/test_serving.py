@@ -44,6 +44,8 @@ def run_dir(data_dir, tmp_path_factory):
     torch.manual_seed(0)
     model = build_model("odmt", data_dir)  # untrained: serving only has to reproduce it
     assert model.branch_names == ["id", "text", "image"]
+    # a fusion as `odmt train` chooses it on validation: the server must apply it exactly
+    model.set_fusion({"id": 0.6, "text": 0.3, "image": 0.1}, "log_softmax")
     out = tmp_path_factory.mktemp("serving") / "run"
     model.save_pretrained(out, extra={"data": {"dir": str(data_dir)}})
     return out

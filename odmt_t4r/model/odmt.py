@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from odmt_t4r.output_folder import atomic_write
+
 from .branch import Branch, SequenceEncoderConfig
 from .item_tower import ITEM_TOWERS, RESERVED_ROWS, ItemTowerConfig
 from .modality_store import ModalityStore, TokenLayout
@@ -364,12 +366,14 @@ class OdmtRecommender(nn.Module):
         config_path = path / "config.json"
         existing = json.loads(config_path.read_text()) if config_path.is_file() else {}
         payload = {"format": MODEL_FORMAT, **existing, **(extra or {}), "model": asdict(self.config)}
-        _atomic_write_text(config_path, json.dumps(payload, indent=2, default=str) + "\n")
-        _atomic_torch_save({k: v.detach().cpu().clone() for k, v in self.state_dict().items()}, path / "model.pt")
+        atomic_write(config_path, json.dumps(payload, indent=2, default=str) + "\n")
+        state = {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}
+        atomic_write(path / "model.pt", lambda tmp: torch.save(state, tmp))
         was_training = self.training
         self.eval()
         catalog = self.catalog_vectors()
-        _atomic_torch_save({b: v.detach().cpu().clone() for b, v in catalog.items()}, path / "item_vectors.pt")
+        vectors = {b: v.detach().cpu().clone() for b, v in catalog.items()}
+        atomic_write(path / "item_vectors.pt", lambda tmp: torch.save(vectors, tmp))
         self.train(was_training)
         return path
 
@@ -421,15 +425,3 @@ def _load_tensors(path: Path, map_location) -> dict:
     except Exception as exc:  # noqa: BLE001 - truncated, corrupted or not a tensor file
         raise ValueError(f"{path} cannot be read ({type(exc).__name__}): it is truncated or corrupted; "
                          "train again or restore the file") from exc
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from odmt_t4r.model import OdmtConfig, build_model, model_registry
+from odmt_t4r.output_folder import atomic_write, fault_point
 
 from .data import PreparedData
 from .fusion import choose_fusion, evaluate_fusions, select_fusion
@@ -145,28 +146,37 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _log_to_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _check_out(out: Path, resume: bool) -> None:
-    """RUN must be new, empty, or (with --resume) one of our own runs with a checkpoint."""
+def _check_out(out: Path, resume: bool) -> bool:
+    """RUN must be new, empty, one of our own runs with a checkpoint (resumed with --resume), or one of our
+    own runs stopped before its first checkpoint (started again). Returns True to start again."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file, not a folder")
     if not out.is_dir() or not any(out.iterdir()):
-        return
+        return False
     if (out / "checkpoint.pt").is_file():
         if not resume:
             raise FileExistsError(f"{out} already holds a training run; pass --resume or choose another --out")
-        return
+        return False
+    if resume and _unfinished_own_run(out):
+        return True
     raise FileExistsError(f"{out} is not empty and holds no resumable run (no checkpoint.pt); choose another "
                           "--out (train never overwrites a folder it cannot resume)")
+
+
+def _unfinished_own_run(out: Path) -> bool:
+    """A RUN that odmt train started and that was killed before its first epoch's checkpoint: its
+    config.json says so and every file in it is one train writes."""
+    try:
+        fmt = json.loads((out / "config.json").read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        return False
+    ours = set(RUN_FILES) | {"metrics-valid.json", "metrics-test.json"}
+    return fmt == RUN_FORMAT and all(p.name in ours or (p.name.startswith(".") and ".tmp" in p.name)
+                                     for p in out.iterdir())
 
 
 def _load_checkpoint(path: Path) -> dict:
@@ -185,7 +195,10 @@ def train_run(cfg: TrainConfig, data_dir: str | os.PathLike, out: str | os.PathL
     """Train into `out`; returns {"best_epoch", "best": valid metrics, "epochs_run", "stopped", "fusion"}.
     With `resume`, the RUN's saved TrainConfig is used (only `epochs` and `progress` may change)."""
     out = Path(out)
-    _check_out(out, resume)
+    if _check_out(out, resume):
+        log(f"{out} was stopped before its first epoch finished: starting it again")
+        for p in out.iterdir():
+            p.unlink()
     ckpt_path = out / "checkpoint.pt"
     if resume and ckpt_path.is_file():
         saved = json.loads((out / "config.json").read_text())
@@ -242,8 +255,8 @@ def _train(cfg: TrainConfig, data_dir, out: Path, resume: bool, ckpt_path: Path,
             f"at epoch {state['best_epoch'] + 1})")
     else:
         log_path.unlink(missing_ok=True)
-    (out / "config.json").write_text(json.dumps({**run_info, "model": asdict(model.config)}, indent=2,
-                                                default=str) + "\n")
+    atomic_write(out / "config.json", json.dumps({**run_info, "model": asdict(model.config)}, indent=2,
+                                                 default=str) + "\n")
 
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{cfg.model}: branches {branches}, {n_params:,} parameters, loss {model.config.loss}, "
@@ -303,9 +316,11 @@ def _train(cfg: TrainConfig, data_dir, out: Path, resume: bool, ckpt_path: Path,
             f"valid NDCG@10 {metrics['NDCG@10']:.4f} ({choice['name']}; mean {metrics['mean/NDCG@10']:.4f}; "
             f"{per_branch}){' *' if improved else ''} | {seconds:.1f}s")
 
-        _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
-                      "torch_rng": torch.get_rng_state(), "data_sha256": run_info["data"]["manifest_sha256"]},
-                     ckpt_path)
+        fault_point("train-before-checkpoint")
+        checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
+                      "torch_rng": torch.get_rng_state(), "data_sha256": run_info["data"]["manifest_sha256"]}
+        atomic_write(ckpt_path, lambda tmp: torch.save(checkpoint, tmp))
+        fault_point("train-after-checkpoint")
         if state["stopped"]:
             log(f"early stop: neither the fused score nor any branch improved valid NDCG@10 for {cfg.patience} epochs")
 
@@ -326,10 +341,8 @@ def _final_fusion(out: Path, data: PreparedData, cfg: TrainConfig, run_info: dic
     config_path = out / "config.json"
     payload = json.loads(config_path.read_text())
     payload["model"] = asdict(best.config)
-    tmp = config_path.with_name(f".config.json.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    os.replace(tmp, config_path)
-    (out / "fusion.json").write_text(json.dumps(choice, indent=2) + "\n")
+    atomic_write(config_path, json.dumps(payload, indent=2, default=str) + "\n")
+    atomic_write(out / "fusion.json", json.dumps(choice, indent=2) + "\n")
     return choice
 
 
@@ -337,10 +350,18 @@ def _truncate_log(path: Path, n_epochs: int) -> None:
     """Keep log.jsonl's lines of the first `n_epochs` epochs (later ones were never checkpointed)."""
     if not path.is_file():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("epoch", 0) <= n_epochs]
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if _epoch_of(line) is not None and _epoch_of(line) <= n_epochs]
     if len(kept) != len(lines):
-        path.write_text("".join(line + "\n" for line in kept))
+        atomic_write(path, "".join(line + "\n" for line in kept))
+
+
+def _epoch_of(line: str) -> int | None:
+    """The epoch of one log.jsonl line; None for a line cut short by a kill."""
+    try:
+        return int(json.loads(line)["epoch"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 # ---------------------------------------------------------------------------- command line
