@@ -16,6 +16,7 @@ truncates to it (asking for more than K returns K).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Sequence
 
@@ -123,11 +124,16 @@ class RecommenderClient:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default="127.0.0.1:8000", help="HOST:PORT of the server (HTTP or gRPC port)")
-    parser.add_argument("--items", required=True, help="the session: comma-separated raw item IDs, oldest first")
+    session = parser.add_mutually_exclusive_group(required=True)
+    session.add_argument("--items", help="the session: comma-separated raw item IDs, oldest first, taken exactly "
+                                         "as written (no spaces around the commas)")
+    session.add_argument("--items-json", help='the session as a JSON list of raw item IDs, e.g. \'["a,b", " 7"]\' '
+                                              "(for IDs holding commas)")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--protocol", choices=("http", "grpc"), default="http")
     parser.add_argument("--model", default="executor_model")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
+    parser.add_argument("--json", action="store_true", help="print [[item_id, score], ...] as JSON")
 
 
 def format_recommendations(recs: list[tuple[str, float]]) -> str:
@@ -137,31 +143,43 @@ def format_recommendations(recs: list[tuple[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
-    items = [i.strip() for i in args.items.split(",") if i.strip()]
+def session_items(args: argparse.Namespace) -> list[str]:
+    """The session's raw IDs exactly as given (IDs are strings: no trimming, no number conversion)."""
+    if args.items_json is not None:
+        try:
+            items = json.loads(args.items_json)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--items-json is not valid JSON ({exc})") from exc
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise ValueError("--items-json must be a JSON list of strings")
+    else:
+        items = [i for i in args.items.split(",") if i != ""]
     if not items:
-        print("error: --items is empty", file=sys.stderr)
-        return 2
+        raise ValueError("the session is empty: give at least one item ID")
+    return items
+
+
+def run(args: argparse.Namespace) -> int:
+    items = session_items(args)
+    if args.k < 1:
+        raise ValueError(f"--k must be >= 1, got {args.k}")
     try:
         client = RecommenderClient(args.url, args.protocol, args.model, timeout=args.timeout)
     except Exception as exc:  # e.g. a malformed URL
-        print(f"error: cannot create a {args.protocol} client for {args.url}: {exc}", file=sys.stderr)
-        return 1
+        raise ValueError(f"cannot create a {args.protocol} client for {args.url}: {exc}") from exc
     with client:
         try:
             ready = client.is_ready()
         except Exception as exc:
-            print(f"error: cannot reach a Triton server at {args.url} over {args.protocol}: {exc}", file=sys.stderr)
-            return 1
+            raise ConnectionError(f"cannot reach a Triton server at {args.url} over {args.protocol}: {exc}") from exc
         if not ready:
-            print(f"error: model {args.model!r} is not ready on {args.url}", file=sys.stderr)
-            return 1
+            raise ConnectionError(f"model {args.model!r} is not ready on {args.url}")
         try:
             recs = client.recommend([items], k=args.k)[0]
         except Exception as exc:
-            print(f"error: inference failed: {exc}", file=sys.stderr)
-            return 1
-    print(format_recommendations(recs))
+            raise ValueError(f"inference failed: {exc}") from exc
+    recs = [(item, score) for item, score in recs if item != ""]  # padding of a catalog smaller than k
+    print(json.dumps(recs, ensure_ascii=False) if args.json else format_recommendations(recs))
     return 0
 
 
