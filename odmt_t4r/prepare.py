@@ -20,6 +20,7 @@ import argparse
 import os
 import sys
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,8 +44,9 @@ class PrepareConfig:
     features: bool = True
     max_text_tokens: int = 30
     image_size: int = 128
-    partitions: int = 1  # >1 splits the interactions into Dask partitions (shuffled by user first)
-    dask_workers: int = 0  # >0 starts a local dask.distributed cluster with this many workers
+    partitions: int = 1  # >1 splits the interactions into Dask partitions (by user ranges first); a cluster: at least one per worker
+    dask_workers: int = 0  # >0 starts a local Dask cluster (dask-cuda's LocalCUDACluster on GPUs) with this many workers
+    dask_scheduler: str | None = None  # the address of a running Dask scheduler (tcp://host:port) to run on instead
 
     def validate(self) -> None:
         """Refuses, before any work, settings that would fail later or be silently ignored."""
@@ -56,6 +58,8 @@ class PrepareConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         if self.dask_workers < 0:
             raise ValueError(f"--dask-workers must be 0 or more, got {self.dask_workers}")
+        if self.dask_workers and self.dask_scheduler:
+            raise ValueError("--dask-workers starts a local cluster and --dask-scheduler uses a running one; give one of them")
         if self.min_interactions < 3:
             raise ValueError(f"min_interactions must be at least 3 (a train item, a validation and a test target), got {self.min_interactions}")
         if self.source not in ("csv", "parquet") and (self.interactions or self.items or self.timestamp_format):
@@ -70,12 +74,47 @@ def _step(msg: str) -> float:
     return time.perf_counter()
 
 
-def _dask_client(cfg: PrepareConfig):
-    if cfg.dask_workers <= 0:
-        return None
+@contextmanager
+def dask_cluster(cfg: PrepareConfig):
+    """The Dask client the workflows run on, set as merlin's global client: None (one process), a
+    cluster of `dask_workers` one-thread workers started here on 127.0.0.1 (dask-cuda's
+    LocalCUDACluster where NVTabular runs on cuDF, else a LocalCluster of processes), or the running
+    scheduler at `dask_scheduler`. A cluster started here is closed on the way out, failures included;
+    a running one is left running. On the way out merlin's global client is reset: merlin-core 23.08's
+    `global_dask_client()` takes a client as alive while its cluster lists workers, closed or not, so
+    the next workflow (the inference one, fitted after the cluster work) crashed in the executor's
+    `_clear_worker_cache` (`client.run` on a closed client: 'NoneType' has no attribute 'broadcast')."""
+    if cfg.dask_workers <= 0 and not cfg.dask_scheduler:
+        yield None
+        return
     from distributed import Client, LocalCluster
-    return Client(LocalCluster(n_workers=cfg.dask_workers, threads_per_worker=1, processes=True,
-                               host="127.0.0.1", dashboard_address=None))
+    from merlin.core.utils import set_dask_client
+
+    from workflows.sessions import on_gpu
+
+    with ExitStack() as stack:
+        if cfg.dask_scheduler:
+            try:
+                client = stack.enter_context(Client(cfg.dask_scheduler, timeout="10s"))
+            except (OSError, TimeoutError, ValueError) as exc:
+                raise ValueError(f"--dask-scheduler {cfg.dask_scheduler}: cannot connect: {exc}") from None
+        else:
+            if on_gpu():
+                from dask_cuda import LocalCUDACluster as cluster_type  # one worker per GPU
+                options = {}
+            else:
+                cluster_type, options = LocalCluster, {"processes": True}
+            cluster = stack.enter_context(cluster_type(n_workers=cfg.dask_workers, threads_per_worker=1,
+                                                       host="127.0.0.1", dashboard_address=None, **options))
+            client = stack.enter_context(Client(cluster))
+        # Client.close() leaves a passed-in cluster running (dask/distributed#1307), and merlin-core 23.08 then hands out the closed client ('broadcast' crash)
+        stack.callback(set_dask_client, "auto")
+        set_dask_client(client)
+        yield client
+
+
+def _cluster_workers(client) -> int:
+    return 0 if client is None else len(client.scheduler_info()["workers"])
 
 
 # Generated product photos: the project's files, but only the feature build reads them, so they are
@@ -126,27 +165,28 @@ def _prepare(cfg: PrepareConfig, stage: Path) -> dict:
     _step(f"  {len(inter):,} interactions, {inter.user_id.nunique():,} users, {len(raw.items):,} catalog items "
           f"({time.perf_counter() - t0:.1f}s)")
 
-    client = _dask_client(cfg)
-    try:
+    with dask_cluster(cfg) as client:
         t = _step("NVTabular workflows: Categorify + Groupby (by timestamp, then input row) + leave-one-out splits")
         vocab = W.item_vocabulary(inter, raw.items)
         cats = str(stage / "categories")
-        ds = nvt.Dataset(inter, npartitions=max(1, cfg.partitions))
-        if cfg.partitions > 1:
-            ds = ds.shuffle_by_keys([W.USER_COL])  # Groupby needs each user's rows in one partition
+        npartitions = max(1, cfg.partitions, _cluster_workers(client))
+        if client is not None:
+            _step(f"  on Dask: {_cluster_workers(client)} workers at {client.scheduler.address}, {npartitions} partitions")
+        ds = nvt.Dataset(inter, npartitions=npartitions)
+        if npartitions > 1:
+            ds = W.partition_by_user(ds, npartitions)  # the Groupby needs each user's rows in one partition
         scfg = W.SessionConfig(max_length=cfg.max_length, min_interactions=cfg.min_interactions)
-        workflows, splits = W.run_session_workflows(ds, vocab, scfg, cats, client=client)
+        workflows, splits = W.run_session_workflows(ds, vocab, scfg, cats)
         split_rows = {}
         for split in W.SPLITS:
-            splits[split].to_parquet(str(stage / split), out_files_per_proc=1)
+            # one file per partition, in order: merlin writes several partitions per file through a subgraph
+            # that cannot hold a cluster's persisted futures ('Future' object is not subscriptable)
+            splits[split].to_parquet(str(stage / split), output_files=splits[split].npartitions)
             split_rows[split] = len(read_split(stage / split, [W.USER_IDX]))
             _step(f"  {split}: {split_rows[split]:,} rows")
         for name, wf in workflows.items():
             wf.save(str(stage / "workflows" / name))
         _step(f"  done ({time.perf_counter() - t:.1f}s)")
-    finally:
-        if client is not None:
-            client.close()
 
     inf = W.inference_workflow(vocab, scfg, cats)
     inf.fit(nvt.Dataset(pd.DataFrame({W.ITEM_LIST: [[str(vocab.iloc[0])]]})))  # fixed vocabulary: no statistics
@@ -200,7 +240,8 @@ def _prepare(cfg: PrepareConfig, stage: Path) -> dict:
 
 def read_split(folder: Path, columns: list[str] | None = None) -> pd.DataFrame:
     """A split folder's parquet parts in order (the folder also holds NVTabular's schema files)."""
-    parts = sorted(Path(folder).glob("*.parquet"))
+    from dask.utils import natural_sort_key
+    parts = sorted(map(str, Path(folder).glob("*.parquet")), key=natural_sort_key)  # part_2 before part_10
     return pd.concat([pd.read_parquet(p, columns=columns) for p in parts], ignore_index=True)
 
 
@@ -242,7 +283,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-text-tokens", type=int, default=d.max_text_tokens)
     p.add_argument("--image-size", type=int, default=d.image_size)
     p.add_argument("--partitions", type=int, default=d.partitions)
-    p.add_argument("--dask-workers", type=int, default=d.dask_workers)
+    p.add_argument("--dask-workers", type=int, default=d.dask_workers, metavar="N",
+                   help="run the workflows on a local Dask cluster of N worker processes (LocalCUDACluster on GPUs), "
+                        "started on 127.0.0.1 and closed at the end")
+    p.add_argument("--dask-scheduler", default=None, metavar="ADDRESS",
+                   help="run the workflows on the running Dask cluster whose scheduler is at ADDRESS (tcp://host:port)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -251,7 +296,8 @@ def run(args: argparse.Namespace) -> int:
                         max_length=args.max_length, seed=args.seed, n_items=args.n_items,
                         fashion_mnist_dir=args.fashion_mnist_dir, features=not args.no_features,
                         max_text_tokens=args.max_text_tokens, image_size=args.image_size,
-                        partitions=args.partitions, dask_workers=args.dask_workers)
+                        partitions=args.partitions, dask_workers=args.dask_workers,
+                        dask_scheduler=args.dask_scheduler)
     manifest = prepare(cfg, force=args.force)  # errors: one `odmt prepare: error:` line from odmt_t4r.cli
     print(summary(manifest))
     print(f"wrote {Path(cfg.out).resolve()}")

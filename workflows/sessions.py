@@ -10,7 +10,9 @@
       inference_workflow: raw item_id-list -> Categorify(same vocabulary) -> ListSlice(-L); drops no row.
 
 Item index: 0 padding, 1 null, 2 out-of-vocabulary, 3.. the catalog ordered by popularity. The same
-code runs on pandas (CPU) and cuDF (GPU); pass a dask.distributed Client to scale out.
+code runs on pandas (CPU) and cuDF (GPU, picked by `nvt.Dataset` itself where `on_gpu()`), in one
+process or on the Dask cluster that is merlin's global client (odmt_t4r.prepare.dask_cluster).
+Several partitions need `partition_by_user` first, so that no user's history is split.
 """
 
 from __future__ import annotations
@@ -37,6 +39,13 @@ class SessionConfig:
     min_interactions: int = 3  # leave-one-out needs one train item, a valid target and a test target
 
 
+def on_gpu() -> bool:
+    """True where NVTabular runs on cuDF: merlin.io.Dataset's own rule for `cpu=None` (a visible GPU and
+    an importable cudf), so the cluster type and the data engine always agree."""
+    from merlin.core.compat import HAS_GPU, cudf
+    return bool(HAS_GPU) and cudf is not None
+
+
 def item_vocabulary(interactions: pd.DataFrame, items: pd.DataFrame) -> pd.Series:
     """The whole catalog, most interacted first (stable on catalog order), so items with no
     interactions still get an index and can be recommended from their content."""
@@ -53,6 +62,24 @@ def user_vocabulary(interactions) -> pd.Series:
     return pd.Series(np.sort(users.to_numpy()), name=USER_COL)
 
 
+def partition_by_user(dataset: nvt.Dataset, npartitions: int) -> nvt.Dataset:
+    """Moves every user's interactions into one partition (the Groupby needs whole histories), in
+    one process or on a cluster. Partitions hold contiguous ranges of the sorted user ids, with about
+    equal row counts, so the outputs come in the same user order as from one partition: row for row
+    the single-process result (a hash shuffle would scatter that order)."""
+    ddf = dataset.to_ddf()
+    counts = ddf[USER_COL].value_counts().compute()
+    counts = (counts.to_pandas() if hasattr(counts, "to_pandas") else counts).sort_index()
+    users, rows = counts.index.to_numpy(), np.cumsum(counts.to_numpy())
+    cuts = np.searchsorted(rows, rows[-1] * np.arange(1, npartitions) / npartitions, side="right")
+    # partition k holds divisions[k] <= user < divisions[k + 1]; the last one includes its upper end
+    divisions = sorted({users[0], *users[np.minimum(cuts, len(users) - 1)], users[-1]})
+    if len(divisions) < 2:  # a single user
+        return nvt.Dataset(ddf.repartition(npartitions=1), cpu=dataset.cpu)
+    ddf = ddf.set_index(USER_COL, divisions=divisions).reset_index()
+    return nvt.Dataset(ddf, cpu=dataset.cpu)
+
+
 def fit_fixed_vocabulary(workflow: nvt.Workflow, dataset: nvt.Dataset, rows: int = 1000) -> nvt.Workflow:
     """Fits a workflow whose only statistics are fixed vocabularies (Categorify(vocabs=...)).
     Such a fit reads no statistics from the data, but merlin-core 23.08's `LocalExecutor.fit` still
@@ -63,17 +90,17 @@ def fit_fixed_vocabulary(workflow: nvt.Workflow, dataset: nvt.Dataset, rows: int
     return workflow.fit(nvt.Dataset(head, schema=dataset.schema))
 
 
-def session_workflow(item_vocab: pd.Series, categories_dir: str, client=None) -> nvt.Workflow:
+def session_workflow(item_vocab: pd.Series, categories_dir: str) -> nvt.Workflow:
     """One row per user: the items in time order; equal timestamps keep the input row order."""
     items = [ITEM_COL] >> ops.Categorify(vocabs={ITEM_COL: item_vocab}, out_path=categories_dir)
     sessions = (items + [USER_COL, TIME_COL, ROW_COL]) >> Groupby(
         groupby_cols=[USER_COL], sort_cols=[TIME_COL, ROW_COL],
         aggs={ITEM_COL: ["list", "count"]}, name_sep="-",
     )
-    return nvt.Workflow(sessions, client=client)
+    return nvt.Workflow(sessions)
 
 
-def split_workflow(split: str, cfg: SessionConfig, user_vocab: pd.Series, categories_dir: str, client=None) -> nvt.Workflow:
+def split_workflow(split: str, cfg: SessionConfig, user_vocab: pd.Series, categories_dir: str) -> nvt.Workflow:
     """Leave-one-out view `split` of the per-user sessions (see the module docstring). Every
     statistic is fixed up front (user vocabulary; list bounds from the slices), so
     `fit_fixed_vocabulary` fits it without a pass over the data."""
@@ -86,12 +113,12 @@ def split_workflow(split: str, cfg: SessionConfig, user_vocab: pd.Series, catego
         history = users[ITEM_LIST] >> ListSlice(0, -2)
         out = (user_idx + history) >> TrainingWindows(L + 1)
         out = (out[ITEM_LIST] >> ops.AddTags(ITEM_TAGS)) + out[USER_IDX]
-        return nvt.Workflow(out, client=client)
+        return nvt.Workflow(out)
     end = None if split == "test" else -1  # the target: last item (test) or second-to-last (valid)
     window = users[ITEM_LIST] >> ListSlice(-(L + 1) if end is None else -(L + 2), end)
     seen = users[ITEM_LIST] >> ops.Rename(name=SEEN_LIST) >> ListSlice(0, -1 if end is None else -2)
     out = user_idx + (window >> ops.AddTags(ITEM_TAGS)) + seen
-    return nvt.Workflow(out, client=client)
+    return nvt.Workflow(out)
 
 
 def inference_workflow(item_vocab: pd.Series, cfg: SessionConfig, categories_dir: str) -> nvt.Workflow:
@@ -104,16 +131,16 @@ def inference_workflow(item_vocab: pd.Series, cfg: SessionConfig, categories_dir
 
 
 def run_session_workflows(interactions: nvt.Dataset, item_vocab: pd.Series, cfg: SessionConfig,
-                          categories_dir: str, client=None) -> tuple[dict[str, nvt.Workflow], dict[str, nvt.Dataset]]:
+                          categories_dir: str) -> tuple[dict[str, nvt.Workflow], dict[str, nvt.Dataset]]:
     """Fits and runs the session workflow once (its output is persisted, so the three split
     workflows do not recompute the Groupby), then returns the fitted workflows by name
     ("sessions", "train", "valid", "test") and the lazy split datasets."""
-    sessions_wf = fit_fixed_vocabulary(session_workflow(item_vocab, categories_dir, client), interactions)
+    sessions_wf = fit_fixed_vocabulary(session_workflow(item_vocab, categories_dir), interactions)
     sessions_ddf = sessions_wf.transform(interactions).to_ddf().persist()
     sessions = nvt.Dataset(sessions_ddf, schema=sessions_wf.output_schema)
     users = user_vocabulary(sessions_ddf)
     workflows, splits = {"sessions": sessions_wf}, {}
     for split in SPLITS:
-        wf = fit_fixed_vocabulary(split_workflow(split, cfg, users, categories_dir, client), sessions)
+        wf = fit_fixed_vocabulary(split_workflow(split, cfg, users, categories_dir), sessions)
         workflows[split], splits[split] = wf, wf.transform(sessions)
     return workflows, splits
