@@ -19,7 +19,7 @@ class FeatureConfig:
     text_encoder: str = "minilm"  # a name in TEXT_ENCODERS
     text_encoder_folder: str | None = None  # a local Hugging Face folder; None = the encoder's default
     image_encoder: str = "efficientnet-lite0"  # a name in IMAGE_ENCODERS
-    device: str = "cpu"  # "cuda" where a GPU is available; not part of the hash
+    device: str = "auto"  # "auto": CUDA where torch sees a GPU, else the CPU; or "cpu", "cuda", "cuda:1"; not hashed
     progress: bool = True  # on stderr: a bar on a terminal, plain lines otherwise
 
     def __post_init__(self) -> None:
@@ -32,6 +32,14 @@ class FeatureConfig:
                 raise ValueError(f"FeatureConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_text_tokens < 2:
             raise ValueError("FeatureConfig.max_text_tokens must be >= 2 (CLS plus at least one token)")
+
+    def torch_device(self) -> str:
+        """The device the encoders run on: `device`, with "auto" resolved when asked (a GPU is picked up
+        with no code change; `device="cpu"` keeps the CPU even where one is present)."""
+        if self.device != "auto":
+            return self.device
+        import torch
+        return "cuda" if torch.cuda.is_available() else "cpu"
 
     def hashed_settings(self, modality: str) -> dict:
         """Fields that change a modality's arrays. Batch size, device, progress and folder paths do not

@@ -104,7 +104,7 @@ def fold_batch_norms(model: nn.Module) -> nn.Module:
 
 
 def _from_config(config: FeatureConfig) -> EfficientNetLiteImageEncoder:
-    return EfficientNetLiteImageEncoder(image_size=config.image_size, device=config.device)
+    return EfficientNetLiteImageEncoder(image_size=config.image_size, device=config.torch_device())
 
 
 register_image_encoder("efficientnet-lite0", _from_config)

@@ -77,7 +77,7 @@ class MiniLMTextEncoder:
 
 
 def _from_config(config: FeatureConfig) -> MiniLMTextEncoder:
-    return MiniLMTextEncoder(config.text_encoder_folder, max_tokens=config.max_text_tokens, device=config.device)
+    return MiniLMTextEncoder(config.text_encoder_folder, max_tokens=config.max_text_tokens, device=config.torch_device())
 
 
 register_text_encoder("minilm", _from_config)
