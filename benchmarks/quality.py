@@ -51,6 +51,9 @@ def prepared(dataset: str, work: Path) -> Path:
     return out
 
 
+EXECUTION_ONLY = ("progress", "threads", "epochs", "nproc", "amp", "device")
+
+
 def train_config(model: str, seed: int, epochs: int | None, patience: int | None):
     """The TrainConfig of a benchmark entry: a preset, or a named variant of the odmt preset."""
     from odmt_t4r.training.train import TrainConfig
@@ -70,7 +73,8 @@ def run_dir(work: Path, dataset: str, model: str, seed: int, epochs: int | None 
     the variant's finished runs are reused for "odmt" (and no stale run is reused)."""
     import hashlib
     cfg = train_config(model, seed, epochs, patience).to_dict()
-    cfg.pop("progress"), cfg.pop("threads"), cfg.pop("epochs")
+    for how in EXECUTION_ONLY:  # how a run is executed, not what is trained (epochs: a ceiling, resumable)
+        cfg.pop(how, None)
     key = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
     return work / "runs" / dataset / f"{cfg['model']}-{key}-s{seed}"
 

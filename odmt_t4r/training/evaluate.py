@@ -52,7 +52,7 @@ def evaluate_model(model: OdmtRecommender, data: PreparedData, split: str = "val
                desc=f"evaluate {split}", disable=not progress, leave=False, file=sys.stderr)
     for batch in bar:
         history, target = history_and_target(batch["items"])
-        scores = model.score(history)
+        scores = {k: v.cpu() for k, v in model.score(history.to(model.log_popularity.device)).items()}
         acc.update(scores, target, batch.get("seen"), tail=tail_items[target])
         n += len(target)
     model.train(was_training)

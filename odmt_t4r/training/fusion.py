@@ -74,8 +74,8 @@ def branch_scores(model: OdmtRecommender, data: PreparedData, split: str, batch_
     try:
         for batch in data.batches(split, batch_size):
             history, target = history_and_target(batch["items"])
-            scores = model.score(history)
-            yield {b: scores[b] for b in model.branch_names}, target, batch.get("seen")
+            scores = model.score(history.to(model.log_popularity.device))
+            yield {b: scores[b].cpu() for b in model.branch_names}, target, batch.get("seen")
     finally:
         model.train(was_training)
 

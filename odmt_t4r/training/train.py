@@ -41,12 +41,14 @@ import torch
 from odmt_t4r.model import OdmtConfig, build_model, model_registry
 from odmt_t4r.output_folder import atomic_write, fault_point
 
+from . import distributed
 from .data import PreparedData
 from .fusion import choose_fusion, evaluate_fusions, select_fusion
 from .progress import progress_bar
 
 RUN_FORMAT = "odmt-run/1"
-RUN_FILES = ("config.json", "model.pt", "item_vectors.pt", "checkpoint.pt", "log.jsonl", "fusion.json")
+SUMMARY = "summary.json"  # a multi-process run's summary, left by rank 0 for the launcher
+RUN_FILES = ("config.json", "model.pt", "item_vectors.pt", "checkpoint.pt", "log.jsonl", "fusion.json", SUMMARY)
 
 
 @dataclass
@@ -72,6 +74,11 @@ class TrainConfig:
     # (14.5 s vs 1.5 s for odmt on ml-100k with other jobs running); set 2 on an idle machine. Results are
     # reproducible for a fixed thread count.
     threads: int = 1
+    # processes training together (torch DDP: gloo on CPU, NCCL on GPU); each reads its own shard of the
+    # training batches, rank 0 evaluates and writes the RUN. Also set by torchrun (WORLD_SIZE).
+    nproc: int = 1
+    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda"
+    amp: str = "off"  # mixed precision: "off", "bf16" (CPU or GPU), "fp16" (GPU only, with loss scaling)
     progress: bool = True
     extra: dict = field(default_factory=dict)  # free-form notes carried into config.json
 
@@ -84,14 +91,26 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         if self.model not in model_registry:
             raise ValueError(f"unknown model '{self.model}'; choose one of {sorted(model_registry)}")
-        for name in ("epochs", "batch_size", "eval_batch_size", "patience", "threads"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "patience", "threads", "nproc"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0 or self.weight_decay < 0:
             raise ValueError(f"need lr > 0 and weight_decay >= 0, got lr={self.lr}, weight_decay={self.weight_decay}")
         if not 0 < self.fusion_step <= 0.5:
             raise ValueError(f"fusion_step must be in (0, 0.5], got {self.fusion_step}")
+        if self.device not in ("auto", "cpu", "cuda") or self.amp not in ("off", "bf16", "fp16"):
+            raise ValueError(f"device must be auto/cpu/cuda and amp off/bf16/fp16; got {self.device!r}, {self.amp!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device cuda was asked for, but torch sees no CUDA device")
+        if self.amp == "fp16" and self.torch_device().type != "cuda":
+            raise ValueError("amp fp16 needs a CUDA device (on CPU use amp bf16)")
         return self
+
+    def torch_device(self, local_rank: int = 0) -> torch.device:
+        """The device to train on: CUDA when asked for or present (auto), else the CPU."""
+        if self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available()):
+            return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+        return torch.device("cpu")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -144,6 +163,10 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]  # biases, norms, priors
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+
+
+def _quiet(message: str) -> None:
+    pass
 
 
 def _log_to_stderr(message: str) -> None:
@@ -208,12 +231,21 @@ def train_run(cfg: TrainConfig, data_dir: str | os.PathLike, out: str | os.PathL
     if epochs is not None:
         cfg.epochs = epochs
     cfg.validate()
+    torchrun = distributed.from_environment()
+    if cfg.nproc > 1 and torchrun is None:  # local processes; rank 0 leaves its summary in the RUN
+        distributed.spawn(_train_worker, cfg.nproc, cfg, str(data_dir), str(out), resume)
+        return json.loads((out / SUMMARY).read_text())
     threads_before = torch.get_num_threads()
     torch.set_num_threads(max(1, cfg.threads))
     try:
-        return _train(cfg, data_dir, out, resume, ckpt_path, log)
+        return _train(cfg, data_dir, out, resume, ckpt_path, log, torchrun or distributed.Ranks())
     finally:
         torch.set_num_threads(threads_before)
+
+
+def _train_worker(ranks: distributed.Ranks, cfg: TrainConfig, data_dir: str, out: str, resume: bool) -> None:
+    torch.set_num_threads(max(1, cfg.threads))
+    _train(cfg, data_dir, Path(out), resume, Path(out) / "checkpoint.pt", _log_to_stderr, ranks)
 
 
 def _valid_metrics(results: dict, branches: list[str]) -> tuple[dict, dict]:
@@ -226,14 +258,29 @@ def _valid_metrics(results: dict, branches: list[str]) -> tuple[dict, dict]:
     return metrics, choice
 
 
-def _train(cfg: TrainConfig, data_dir, out: Path, resume: bool, ckpt_path: Path, log) -> dict:
+def _train(cfg: TrainConfig, data_dir, out: Path, resume: bool, ckpt_path: Path, log,
+           ranks: distributed.Ranks) -> dict | None:
     seed_everything(cfg.seed)
+    if not ranks.main:
+        log = _quiet  # rank 0 speaks and writes for the group
 
     data = PreparedData(data_dir)
     model = build_model(cfg.model, data.info, **{k: v for k, v in asdict(cfg.model_config).items()
                                                   if k not in OdmtConfig.DERIVED})
+    device = cfg.torch_device(ranks.local_rank)
+    model.to(device)
     optimizer = _optimizer(model, cfg)
-    out.mkdir(parents=True, exist_ok=True)
+    step_model = model
+    if ranks.world > 1:  # averages the gradients of the ranks' shards; starts from rank 0's weights
+        from torch.nn.parallel import DistributedDataParallel
+        # the T4R GPT-2 block keeps a token-embedding table that inputs_embeds never uses
+        step_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                             find_unused_parameters=True)
+    amp = torch.autocast(device.type, dtype=torch.float16 if cfg.amp == "fp16" else torch.bfloat16,
+                         enabled=cfg.amp != "off")
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")  # fp16 needs loss scaling
+    if ranks.main:
+        out.mkdir(parents=True, exist_ok=True)
     run_info = {"format": RUN_FORMAT, "train": cfg.to_dict(),
                 "data": {"dir": str(data.root), "manifest_sha256": data.info.manifest_sha256,
                          "source": data.info.manifest.get("source")}}
@@ -250,17 +297,23 @@ def _train(cfg: TrainConfig, data_dir, out: Path, resume: bool, ckpt_path: Path,
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["torch_rng"])
         state = {**state, **ckpt["state"]}
-        _truncate_log(log_path, state["epoch"] + 1)  # a run killed after logging, before its checkpoint
+        if ranks.main:
+            _truncate_log(log_path, state["epoch"] + 1)  # a run killed after logging, before its checkpoint
         log(f"resuming {out} after epoch {state['epoch'] + 1} (best valid NDCG@10 {state['best_metric']:.4f} "
             f"at epoch {state['best_epoch'] + 1})")
-    else:
+    elif ranks.main:
         log_path.unlink(missing_ok=True)
-    atomic_write(out / "config.json", json.dumps({**run_info, "model": asdict(model.config)}, indent=2,
-                                                 default=str) + "\n")
+    if ranks.world > 1:  # each rank its own dropout draws
+        torch.manual_seed(cfg.seed * 7919 + ranks.rank * 104729 + state["epoch"] + 1)
+    if ranks.main:
+        atomic_write(out / "config.json", json.dumps({**run_info, "model": asdict(model.config)}, indent=2,
+                                                     default=str) + "\n")
 
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{cfg.model}: branches {branches}, {n_params:,} parameters, loss {model.config.loss}, "
-        f"{data.num_rows('train'):,} train rows, L={data.max_length}, {data.info.n_index - 3:,} items")
+        f"{data.num_rows('train'):,} train rows, L={data.max_length}, {data.info.n_index - 3:,} items"
+        + (f", {ranks.world} processes" if ranks.world > 1 else "") + (f", {device}" if device.type != "cpu" else "")
+        + (f", amp {cfg.amp}" if cfg.amp != "off" else ""))
 
     for epoch in range(state["epoch"] + 1, cfg.epochs):
         if state["stopped"]:
@@ -271,16 +324,23 @@ def _train(cfg: TrainConfig, data_dir, out: Path, resume: bool, ckpt_path: Path,
         n_batches = 0
         progress = epoch / cfg.epochs  # the KD ramp is a fraction of the epoch budget
         batches = data.batches("train", cfg.batch_size, shuffle=True, seed=cfg.seed * 100_003 + epoch)
-        bar = progress_bar(batches, total=data.num_batches("train", cfg.batch_size),
-                           desc=f"epoch {epoch + 1}/{cfg.epochs}", enabled=cfg.progress)
+        n_train_batches = data.num_batches("train", cfg.batch_size)
+        if ranks.world > 1:
+            batches = ranks.shard(batches, n_train_batches)
+        bar = progress_bar(batches, total=n_train_batches // ranks.world,
+                           desc=f"epoch {epoch + 1}/{cfg.epochs}", enabled=cfg.progress and ranks.main)
         kd_w = model.task.weight(progress)
         for batch in bar:
-            outputs = model(batch["items"], progress=progress)
+            ranks.trace(epoch, batch)
+            with amp:
+                outputs = step_model(batch["items"].to(device), progress=progress)
             optimizer.zero_grad(set_to_none=True)
-            outputs["loss"].backward()
+            scaler.scale(outputs["loss"]).backward()
             if cfg.grad_clip:
+                scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             n_batches += 1
             sums["loss"] = sums.get("loss", 0.0) + outputs["loss"].item()
             for name, value in outputs["losses"].items():
@@ -288,6 +348,9 @@ def _train(cfg: TrainConfig, data_dir, out: Path, resume: bool, ckpt_path: Path,
             bar.set_postfix(loss=f"{outputs['loss'].item():.3f}")
         losses = {k: v / max(1, n_batches) for k, v in sums.items()}
         train_seconds = time.perf_counter() - t0
+        if not ranks.main:  # rank 0 evaluates and decides; the others wait for its verdict
+            state["epoch"], state["stopped"] = epoch, ranks.share(None)
+            continue
         results = evaluate_fusions(model, data, "valid", step=cfg.epoch_fusion_step, batch_size=cfg.eval_batch_size)
         metrics, choice = _valid_metrics(results, branches)
         seconds = time.perf_counter() - t0
@@ -321,15 +384,23 @@ def _train(cfg: TrainConfig, data_dir, out: Path, resume: bool, ckpt_path: Path,
                       "torch_rng": torch.get_rng_state(), "data_sha256": run_info["data"]["manifest_sha256"]}
         atomic_write(ckpt_path, lambda tmp: torch.save(checkpoint, tmp))
         fault_point("train-after-checkpoint")
+        ranks.share(state["stopped"])
         if state["stopped"]:
             log(f"early stop: neither the fused score nor any branch improved valid NDCG@10 for {cfg.patience} epochs")
 
+    if not ranks.main:
+        ranks.barrier()
+        return None
     fusion = _final_fusion(out, data, cfg, run_info)
     log(f"best valid NDCG@10 {state['best_metric']:.4f} at epoch {state['best_epoch'] + 1}; fusion "
         f"{fusion['name']} (valid NDCG@10 {fusion['valid_NDCG@10']:.4f}, plain mean "
         f"{fusion['valid_mean_NDCG@10']:.4f}); model in {out}")
-    return {"best_epoch": state["best_epoch"] + 1, "best": state["best"], "epochs_run": state["epoch"] + 1,
-            "stopped": state["stopped"], "fusion": fusion}
+    summary = {"best_epoch": state["best_epoch"] + 1, "best": state["best"], "epochs_run": state["epoch"] + 1,
+               "stopped": state["stopped"], "fusion": fusion}
+    if ranks.world > 1:
+        atomic_write(out / SUMMARY, json.dumps(summary, default=str) + "\n")
+        ranks.barrier()
+    return summary
 
 
 def _final_fusion(out: Path, data: PreparedData, cfg: TrainConfig, run_info: dict) -> dict:
