@@ -290,6 +290,18 @@ def _remove_run(run_dir: Path) -> None:
     shutil.rmtree(run_dir)
 
 
+def _resumable(run_dir: Path, cfg, data_sha256: str | None) -> bool:
+    """RUN holds a checkpoint of training with exactly these settings on this data (a stage killed before it
+    cleared an older RUN must not resume that one)."""
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    same = lambda d: {k: v for k, v in json.loads(json.dumps(d, default=str)).items() if k != "progress"}  # noqa: E731
+    return ((run_dir / "checkpoint.pt").is_file() and same(saved.get("train", {})) == same(cfg.to_dict())
+            and saved.get("data", {}).get("manifest_sha256") == data_sha256)
+
+
 def train_stage(o: RunOptions, work: Path, model: str) -> Stage:
     from odmt_t4r.training.train import train_run
 
@@ -298,7 +310,7 @@ def train_stage(o: RunOptions, work: Path, model: str) -> Stage:
     inputs = {"data": sha256_of(work / "data" / "manifest.json"), "train": cfg.to_dict()}
 
     def run(resume: bool) -> dict:
-        resume = resume and (run_dir / "checkpoint.pt").is_file()
+        resume = resume and _resumable(run_dir, cfg, inputs["data"])
         if not resume:
             _remove_run(run_dir)  # stale: trained on other data or settings, or never checkpointed
         summary = train_run(cfg, work / "data", run_dir, resume=resume)

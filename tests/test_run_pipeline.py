@@ -138,7 +138,8 @@ def test_failed_stage_names_itself_then_resumes_there_and_changed_inputs_rerun_d
     assert "run the same `odmt run` command again to resume at 'report'" in last
     assert "prepare, train-odmt" in last  # the finished stages stay done
     assert _records(work)["report"]["status"] == "failed"
-    assert {n: _records(work)[n]["finished"] for n in STAGES[:-1]} == {n: before[n]["finished"] for n in STAGES[:-1]}
+    assert {n: _records(work)[n]["finished"] for n in STAGES[:-1]} == {n: before[n]["finished"] for n in STAGES[:-1]}, \
+        failed.stderr
 
     # the same command again: it resumes at the report; every other stage is skipped
     resumed = odmt(*tiny.args)
@@ -159,6 +160,46 @@ def test_failed_stage_names_itself_then_resumes_there_and_changed_inputs_rerun_d
     # and once more: nothing left to do
     idle = odmt(*args)
     assert idle.returncode == 0 and "running" not in idle.stderr and idle.stderr.count("skipped") >= len(STAGES)
+
+
+
+def test_a_killed_training_stage_resumes_from_its_last_epoch(tiny):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = list(tiny.args)
+    args[args.index("--epochs") + 1] = "4"  # new training inputs: train-odmt starts afresh
+    log = tiny.work / "runs" / "odmt" / "log.jsonl"
+    child = subprocess.Popen([sys.executable, "-m", "odmt_t4r.cli", *args], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        def first_epoch_done():  # of the new training: its config.json says 4 epochs
+            try:
+                config = json.loads((log.parent / "config.json").read_text())
+                return config["train"]["epochs"] == 4 and '"epoch": 1' in log.read_text()
+            except (OSError, ValueError, KeyError):
+                return False
+
+        while not first_epoch_done() and child.poll() is None:
+            assert time.monotonic() < deadline, "training never finished an epoch"
+            time.sleep(0.1)
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)  # no clean-up at all, as a power cut
+        child.wait()
+    record = _records(tiny.work)["train-odmt"]
+    assert record["status"] == "running" and record["inputs"]["train"]["epochs"] == 4
+    epochs_before = len(log.read_text().splitlines())
+    assert 1 <= epochs_before < 4
+
+    resumed = odmt(*args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "[run] train-odmt: resuming" in resumed.stderr
+    assert f"resuming {tiny.work / 'runs' / 'odmt'} after epoch {epochs_before}" in resumed.stderr
+    assert [json.loads(line)["epoch"] for line in log.read_text().splitlines()] == [1, 2, 3, 4]
+    assert all(r["status"] == "done" for r in _records(tiny.work).values())
 
 
 def _stage(name, inputs, out, calls, fail=False):
