@@ -30,12 +30,14 @@ METRICS = ("HR@10", "NDCG@10", "HR@20", "NDCG@20")
 TABLE_EXTRA = ("longtail/NDCG@10", "coverage@10", "valid/NDCG@10")
 MODELS = ("sasrec", "late-fusion", "odmt", "odmt-no-imt", "odmt-no-kd")
 # Variants of the odmt preset tried while choosing its defaults: name -> OdmtConfig overrides.
+KD_ON = dict(kd_weight=0.5, kd_ramp=0.1, tau=0.4, kd_mask_seen=True)  # the distillation variants share these
 VARIANTS = {
+    "odmt-kd": dict(KD_ON, kd_mode="detached", id_teacher="none"),
     "odmt-paper-kd": dict(kd_mode="mutual", id_teacher="ensemble", kd_weight=1.0, tau=0.3, kd_ramp=0.65),
-    "odmt-mutual": dict(kd_mode="mutual", id_teacher="ensemble"),
-    "odmt-kd-ensemble": dict(id_teacher="ensemble"),
-    "odmt-kd-others": dict(id_teacher="ensemble-others"),
-    "odmt-no-kd-mask": dict(kd_mask_seen=False),
+    "odmt-mutual": dict(KD_ON, kd_mode="mutual", id_teacher="ensemble"),
+    "odmt-kd-ensemble": dict(KD_ON, kd_mode="detached", id_teacher="ensemble"),
+    "odmt-kd-others": dict(KD_ON, kd_mode="detached", id_teacher="ensemble-others"),
+    "odmt-no-kd-mask": dict(KD_ON, kd_mode="detached", id_teacher="none", kd_mask_seen=False),
     "odmt-no-prior": dict(popularity_prior=False),
     "odmt-full": dict(loss="full"),
     "odmt-in-batch": dict(loss="in_batch"),
@@ -67,16 +69,34 @@ def train_config(model: str, seed: int, epochs: int | None, patience: int | None
     return TrainConfig.from_dict(settings)
 
 
+def effective_key(train: dict) -> str:
+    """What a run trains, whatever its entry is called: the TrainConfig with the preset's defining settings
+    applied and how it is executed left out. Two entries that train the same thing share their runs (so
+    when a default changes to equal a variant, that variant's runs are the default's)."""
+    import hashlib
+
+    from odmt_t4r.model import model_registry
+
+    cfg = {k: v for k, v in train.items() if k not in EXECUTION_ONLY and k not in ("extra", "model")}
+    model = {**cfg.pop("model_config"), **model_registry[train["model"]]}
+    model.pop("name", None)
+    return hashlib.sha256(json.dumps({**cfg, "model_config": model}, sort_keys=True).encode()).hexdigest()[:10]
+
+
 def run_dir(work: Path, dataset: str, model: str, seed: int, epochs: int | None = None,
             patience: int | None = None) -> Path:
-    """Named by what is trained, not by the entry's name: when the defaults change to equal a variant,
-    the variant's finished runs are reused for "odmt" (and no stale run is reused)."""
-    import hashlib
-    cfg = train_config(model, seed, epochs, patience).to_dict()
-    for how in EXECUTION_ONLY:  # how a run is executed, not what is trained (epochs: a ceiling, resumable)
-        cfg.pop(how, None)
-    key = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
-    return work / "runs" / dataset / f"{cfg['model']}-{key}-s{seed}"
+    """The RUN of an entry: an existing run of the same dataset and seed that trains the same thing, else
+    a new folder named by the entry and its key."""
+    key = effective_key(train_config(model, seed, epochs, patience).to_dict())
+    folder = work / "runs" / dataset
+    for run in sorted(folder.glob(f"*-s{seed}")):
+        try:
+            train = json.loads((run / "config.json").read_text())["train"]
+        except (OSError, ValueError, KeyError):
+            continue
+        if effective_key(train) == key:
+            return run
+    return folder / f"{model}-{key}-s{seed}"
 
 
 def one_run(dataset: str, model: str, seed: int, data: Path, work: Path, epochs: int | None,
