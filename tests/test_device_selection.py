@@ -34,3 +34,10 @@ def test_nvtabular_runs_on_cudf_only_with_a_gpu_and_cudf(monkeypatch, has_gpu, c
     monkeypatch.setattr(merlin.core.compat, "HAS_GPU", has_gpu)
     monkeypatch.setattr(merlin.core.compat, "cudf", cudf)
     assert W.on_gpu() is want
+
+
+def test_dask_leaves_object_columns_alone_for_the_pandas_2_gpu_stack():
+    # cuDF 24.04 (the first RAPIDS for Python 3.11) needs pandas 2, where dask would turn NVTabular's
+    # list columns into pyarrow strings; the CPU pins (pandas 1.5) never convert, so this is the guard
+    import dask
+    assert dask.config.get("dataframe.convert-string") is False

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import dask
 import numpy as np
 import pandas as pd
 import nvtabular as nvt
@@ -26,6 +27,10 @@ from merlin.schema import Tags
 from nvtabular import ops
 
 from workflows.ops import Groupby, ListSlice, TrainingWindows
+
+# With pandas 2 (the GPU route: cuDF 24.04 needs it), dask turns object columns into pyarrow strings,
+# NVTabular's list columns included ('[3 4 5]'); dask 2023.7 with pandas 1.5 (the CPU pins) never does.
+dask.config.set({"dataframe.convert-string": False})
 
 USER_COL, ITEM_COL, TIME_COL, ROW_COL = "user_id", "item_id", "timestamp", "_row"
 ITEM_LIST, ITEM_COUNT, SEEN_LIST, USER_IDX = "item_id-list", "item_id-count", "seen-list", "user_idx"
