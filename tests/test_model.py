@@ -151,7 +151,7 @@ def test_mutual_kd_from_the_text_branch_reaches_the_id_teacher(data_dir):
 
 def test_total_loss_is_branch_ces_plus_weighted_kd(data_dir):
     torch.manual_seed(0)
-    model = build_model("odmt", data_dir, **SMALL).eval()  # eval: no dropout, so two calls agree
+    model = build_model("odmt", data_dir, kd_weight=0.5, **SMALL).eval()  # eval: no dropout, so calls agree
     out = model(batch_rows(), progress=0.05)
     w = model.config.kd_weight * kd_ramp(0.05, model.config.kd_ramp)
     assert out["kd_weight"] == pytest.approx(w)
