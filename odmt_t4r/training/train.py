@@ -465,12 +465,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         hint = typing.get_type_hints(owner)[f.name]
         base = _base_types(hint)
         flag = "--" + f.name.replace("_", "-")
+        default = getattr(owner(), f.name)
+        shown = f"default: {'all the DIR has' if default is None else default}"
         if bool in base:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=shown)
         elif list in base:
-            group.add_argument(flag, dest=f.name, nargs="+", default=None, metavar="M")
+            group.add_argument(flag, dest=f.name, nargs="+", default=None, metavar="M", help=shown)
         elif base[0] in (int, float, str):
-            group.add_argument(flag, dest=f.name, type=base[0], default=None)
+            group.add_argument(flag, dest=f.name, type=base[0], default=None, help=shown)
 
 
 def settings_from_args(args: argparse.Namespace) -> dict:
