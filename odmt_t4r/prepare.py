@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
-FORMAT = "odmt-prepared/1"
+from odmt_t4r.contract import PREPARED_FORMAT as FORMAT, read_split  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -236,13 +236,6 @@ def _prepare(cfg: PrepareConfig, stage: Path) -> dict:
     }
     generated = [g for g in GENERATED_FOLDERS if (stage / g).is_dir()]
     return write_manifest(stage, manifest, generated_folders=generated)  # last: hashes, signature
-
-
-def read_split(folder: Path, columns: list[str] | None = None) -> pd.DataFrame:
-    """A split folder's parquet parts in order (the folder also holds NVTabular's schema files)."""
-    from dask.utils import natural_sort_key
-    parts = sorted(map(str, Path(folder).glob("*.parquet")), key=natural_sort_key)  # part_2 before part_10
-    return pd.concat([pd.read_parquet(p, columns=columns) for p in parts], ignore_index=True)
 
 
 def _item_table(items: pd.DataFrame, vocab: pd.Series, stage: Path) -> pd.DataFrame:

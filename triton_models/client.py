@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-INPUT = "item_id-list"
+from odmt_t4r.contract import ITEM_LIST as INPUT  # noqa: E402
 OUTPUTS = ("item_ids", "scores")
 
 

@@ -50,7 +50,7 @@ import numpy as np
 FORMAT = "odmt-triton-repo/1"
 MODEL_NAME = "executor_model"
 TRANSFORMS = ("fast", "workflow")
-INPUT = "item_id-list"
+from odmt_t4r.contract import ITEM_LIST as INPUT, SEEN_LIST, read_split, run_data_dir  # noqa: E402,F401
 
 
 @dataclass
@@ -67,16 +67,6 @@ class ServingConfig:
 
 
 # -- inputs ------------------------------------------------------------------------------------------
-
-def run_data_dir(run: Path, data: str | Path | None = None) -> Path:
-    """The prepared DIR of a RUN: `data` if given, else the one recorded in RUN/config.json."""
-    payload = json.loads((Path(run) / "config.json").read_text())
-    recorded = payload.get("data", {}).get("dir")
-    chosen = Path(data or recorded or "")
-    if not str(chosen) or not (chosen / "manifest.json").is_file():
-        raise FileNotFoundError(f"no prepared DIR for {run}: pass --data (recorded: {recorded!r})")
-    return chosen.resolve()
-
 
 def load_inference_workflow(data_dir: Path):
     """The prepared DIR's fitted inference workflow (a pickle: the DIR is checked against its manifest first)."""
@@ -127,14 +117,13 @@ def example_sessions(data_dir: str | Path, n: int = 100, split: str = "test", se
     """`n` sessions of a split in raw item IDs: each user's whole history before the split's target."""
     import pandas as pd
 
-    from odmt_t4r.prepare import read_split
 
-    frame = read_split(Path(data_dir) / split, ["seen-list"])
+    frame = read_split(Path(data_dir) / split, [SEEN_LIST])
     items = pd.read_parquet(Path(data_dir) / "items.parquet", columns=["item_idx", "item_id"])
     raw = dict(zip(items["item_idx"].tolist(), items["item_id"].astype(str).tolist()))
     rng = np.random.default_rng(seed)
     rows = rng.choice(len(frame), size=min(n, len(frame)), replace=False)
-    return [[raw[int(i)] for i in frame["seen-list"].iloc[r]] for r in sorted(rows)]
+    return [[raw[int(i)] for i in frame[SEEN_LIST].iloc[r]] for r in sorted(rows)]
 
 
 # -- the graph -------------------------------------------------------------------------------------

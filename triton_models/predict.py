@@ -42,14 +42,14 @@ from merlin.table import TensorTable
 ITEM_IDS, SCORES = "item_ids", "scores"
 ARTIFACT_DIR = "odmt_model"  # under the executor model's ensemble/ folder
 RUN_FILES = ("config.json", "model.pt", "item_vectors.pt")
-RESERVED_ROWS = 3  # 0 pad, 1 null, 2 OOV: never recommended
+from odmt_t4r.contract import ITEM_LIST, RESERVED_ROWS, last_items  # noqa: E402  (0 pad, 1 null, 2 OOV)
 
 
 class OdmtPredict(BaseOperator):
     """Merlin operator: encoded sessions -> top-k raw item IDs and scores (see the module docstring)."""
 
     def __init__(self, run_dir: str | os.PathLike, item_ids: Sequence[str], k: int = 10,
-                 data_dir: str | os.PathLike | None = None, input_column: str = "item_id-list",
+                 data_dir: str | os.PathLike | None = None, input_column: str = ITEM_LIST,
                  torch_threads: int = 1, jit: bool = True):
         super().__init__()
         if k < 1:
@@ -134,16 +134,7 @@ class OdmtPredict(BaseOperator):
     # -- scoring ---------------------------------------------------------------------------------
     def history(self, values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
         """values/offsets -> right-padded [B L] int64: each session's last L items, left-aligned."""
-        L = self.model.config.max_length
-        values = np.asarray(values, dtype=np.int64).reshape(-1)
-        offsets = np.asarray(offsets, dtype=np.int64).reshape(-1)
-        lengths = np.diff(offsets)
-        keep = np.minimum(lengths, L)
-        out = np.zeros((len(lengths), L), dtype=np.int64)
-        rows = np.repeat(np.arange(len(lengths)), keep)
-        cols = np.arange(keep.sum()) - np.repeat(np.cumsum(keep) - keep, keep)
-        out[rows, cols] = values[np.repeat(offsets[1:] - keep, keep) + cols]
-        return out
+        return last_items(values, offsets, self.model.config.max_length)
 
     def recommend(self, values: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Encoded sessions (values/offsets) -> (raw IDs object [B K], scores float32 [B K])."""

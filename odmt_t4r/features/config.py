@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 MODALITIES = ("text", "image")
-RESERVED_ROWS = 3  # Categorify: 0 = padding, 1 = null, 2 = out-of-vocabulary; always all-zero features
+from odmt_t4r.contract import RESERVED_ROWS  # noqa: E402  (0 pad, 1 null, 2 OOV: always all-zero features)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from torch import nn
 
 from .modality_store import ModalityStore
 
-RESERVED_ROWS = 3  # Categorify: 0 = padding, 1 = null, 2 = out-of-vocabulary
+from odmt_t4r.contract import RESERVED_ROWS  # noqa: E402  (0 pad, 1 null, 2 OOV)
 
 
 @dataclass

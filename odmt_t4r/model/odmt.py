@@ -32,7 +32,7 @@ from .modality_store import ModalityStore, TokenLayout
 from .peer_distillation import FUSION_SCORES, ID_TEACHERS, KD_MODES, PeerDistillationTask, fuse
 from .prepared import PreparedInfo, read_prepared
 
-MODEL_FORMAT = "odmt-model/1"
+from odmt_t4r.contract import ITEM_LIST, MODEL_FORMAT  # noqa: E402
 # loss="auto": full softmax up to this many items; above it the in-batch sampled softmax of the official
 # code, because a full softmax must run the item tower over the whole catalog at every step
 AUTO_FULL_SOFTMAX_MAX_ITEMS = 2048
@@ -46,7 +46,7 @@ class OdmtConfig:
     # from the prepared DIR (derived)
     n_index: int = 0
     max_length: int = 20
-    item_column: str = "item_id-list"
+    item_column: str = ITEM_LIST
     # item-tower inputs = peer branches; None = every modality the prepared DIR has features for
     modalities: list[str] | None = None
     feature_dims: dict[str, int] = field(default_factory=dict)  # derived: {"text": 384, "image": 1280}

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-FORMAT = "odmt-prepared/1"
+from odmt_t4r.contract import PREPARED_FORMAT as FORMAT
 
 
 @dataclass

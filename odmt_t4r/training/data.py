@@ -18,25 +18,12 @@ import torch
 
 from odmt_t4r.model.prepared import PreparedInfo, read_prepared
 
-SEEN_LIST = "seen-list"
-USER_IDX = "user_idx"
+from odmt_t4r.contract import SEEN_LIST, USER_IDX, last_items  # noqa: E402
 
 
 def pad_ragged(values: torch.Tensor, offsets: torch.Tensor, width: int | None = None) -> torch.Tensor:
     """Ragged (values [V], offsets [B+1]) -> right-padded [B W]; a row longer than `width` keeps its tail."""
-    offsets = offsets.long()
-    lengths = offsets[1:] - offsets[:-1]  # [B]
-    B = len(lengths)
-    W = int(width if width is not None else (lengths.max().item() if B else 0))
-    keep = lengths.clamp(max=W)  # [B]
-    out = torch.zeros(B, W, dtype=values.dtype)
-    if B == 0 or W == 0:
-        return out
-    pos = torch.arange(W)[None, :]  # [1 W]
-    src = (offsets[1:] - keep)[:, None] + pos  # [B W] the last `keep` values of each row
-    take = pos < keep[:, None]
-    out[take] = values[src[take]]
-    return out
+    return torch.from_numpy(last_items(values.numpy(), offsets.numpy(), width)).to(values.dtype)
 
 
 class PreparedData:

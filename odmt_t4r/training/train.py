@@ -46,7 +46,7 @@ from .data import PreparedData
 from .fusion import choose_fusion, evaluate_fusions, select_fusion
 from .progress import progress_bar
 
-RUN_FORMAT = "odmt-run/1"
+from odmt_t4r.contract import RUN_FORMAT  # noqa: E402
 SUMMARY = "summary.json"  # a multi-process run's summary, left by rank 0 for the launcher
 RUN_FILES = ("config.json", "model.pt", "item_vectors.pt", "checkpoint.pt", "log.jsonl", "fusion.json", SUMMARY)
 
