@@ -134,7 +134,7 @@ model_registry: dict[str, dict] = {
     "odmt-no-kd": dict(item_tower="imt", fusion="peer", kd_weight=0.0),
     # the baselines keep their published form: no popularity prior
     "sasrec": dict(item_tower="independent", fusion="peer", modalities=["id"], branch_mlp=False, id_init="xavier",
-                   popularity_prior=False),
+                   popularity_prior=False, kd_weight=0.0),  # one branch: nothing to distil
     "late-fusion": dict(item_tower="independent", fusion="late", id_init="xavier", kd_weight=0.0,
                         popularity_prior=False),
 }
