@@ -135,7 +135,9 @@ def parse_timestamps(ts: pd.Series, path: str, timestamp_format: str | None = No
                                   f"order is ambiguous; give their format with {TIMESTAMP_FLAG}, e.g. '%d/%m/%Y' or '%m/%d/%Y'", ts.to_frame())
     if kind == "epoch numbers":
         return _epoch_ms(text, ts, path)
-    return _datetimes_to_ms(pd.to_datetime(text, errors="coerce", utc=True), ts, path, "invalid ISO 8601 dates")
+    # pandas 2 (the GPU route's) infers one format from the first value unless told the column is ISO 8601
+    iso = {"format": "ISO8601"} if int(pd.__version__.split(".")[0]) >= 2 else {}
+    return _datetimes_to_ms(pd.to_datetime(text, errors="coerce", utc=True, **iso), ts, path, "invalid ISO 8601 dates")
 
 
 def _timestamp_kinds(text: pd.Series) -> pd.Series:
