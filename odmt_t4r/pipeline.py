@@ -38,9 +38,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from odmt_t4r.cli import USER_ERRORS
+
 STAGE_FORMAT = "odmt-stage/1"
 METRICS = ("HR@10", "NDCG@10", "HR@20", "NDCG@20")
-USER_ERRORS = (ValueError, OSError)
 
 
 def log(message: str) -> None:
