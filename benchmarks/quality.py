@@ -1,17 +1,19 @@
-"""Quality benchmark: sasrec, late-fusion, odmt and its two ablations on ml-100k and the fashion default,
-the same training budget and 3 seeds each, test split, full ranking with the user's earlier items excluded.
+"""Quality benchmark: sasrec, late-fusion, odmt, its ablations and the variants tried while choosing its
+defaults (VARIANTS), on ml-100k and the fashion default; test split, full ranking with the user's earlier
+items excluded, plus the long-tail slice, coverage@10 and the validation score every choice was made on.
 
     .venv/bin/python benchmarks/quality.py [--datasets ml-100k fashion] [--models ...] [--seeds 0 1 2]
-                                           [--epochs ml-100k=30 fashion=20] [--patience 5] [--jobs 2] [--work benchmarks/work]
+                                           [--epochs N | DATASET=N ...] [--patience P] [--jobs 2]
+                                           [--work benchmarks/work] [--report-only]
 
-Each (dataset, model, seed) trains into WORK/runs/<dataset>/<model>-s<seed>; a finished run is reused
-(and an unfinished one resumed), so an interrupted benchmark continues where it stopped. `--jobs N` trains
-N runs at once, one torch thread each (on a 2-core machine two single-thread runs beat one two-thread run).
-Every model gets the same budget: TrainConfig defaults, the same epoch cap and early-stopping patience.
-Writes benchmarks/results/quality.json (every run, and mean/std per dataset and model) and prints a
-markdown table with the RecBole anchor.
+Each (dataset, entry, seed) trains into WORK/runs/<dataset>/; a run is found by what it trains (the
+preset's settings applied, how it is executed left out), so entries that train the same thing share runs,
+a finished run is reused and an unfinished one resumed: an interrupted benchmark continues where it
+stopped. `--jobs N` trains N runs at once, one torch thread each. Every entry gets the same budget: the
+TrainConfig defaults (an epoch ceiling; early stopping ends runs). Writes benchmarks/results/quality.json
+(every run, mean/std per dataset and entry, issue 8's goals) and prints markdown tables with the RecBole
+anchors and the goals.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -115,8 +117,8 @@ def one_run(dataset: str, model: str, seed: int, data: Path, work: Path, epochs:
         if finished.get("stopped_early") or finished.get("epochs_run", epochs) >= epochs:
             return {**finished, "model": model}
         done.unlink()  # it ran fewer epochs than this budget and had not stopped early: continue it
-    resume = (run / "checkpoint.pt").is_file()  # an interrupted run, or one given a bigger budget
-    summary = train_run(cfg, data, run, resume=resume, epochs=epochs,
+    # resume: an interrupted run continues, one killed before its first checkpoint starts again
+    summary = train_run(cfg, data, run, resume=True, epochs=epochs,
                         log=lambda m: print(f"  [{dataset} {model} s{seed}] {m}", flush=True))
     metrics = evaluate_model(OdmtRecommender.from_pretrained(run, data_dir=data), PreparedData(data), "test")
     valid = evaluate_model(OdmtRecommender.from_pretrained(run, data_dir=data), PreparedData(data), "valid")
