@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from odmt_t4r.contract import RESERVED_ROWS
 from odmt_t4r.model import OdmtRecommender, history_and_target
 from odmt_t4r.model.peer_distillation import fuse
 
@@ -105,7 +106,7 @@ def evaluate_fusions(model: OdmtRecommender, data: PreparedData, split: str = "v
         for kind, scores in per_kind.items():  # the protocol's exclusion, applied once per branch
             for b, s in scores.items():
                 s = s.clone()
-                s[:, :3] = -math.inf
+                s[:, :RESERVED_ROWS] = -math.inf
                 if seen is not None and seen.numel():
                     s.scatter_(1, seen.long(), -math.inf)
                 scores[b] = s
