@@ -148,7 +148,7 @@ def in_process(run: Path, data: Path, sessions: list, n: int, k: int) -> dict:
     import torch
 
     from odmt_t4r.model import OdmtRecommender
-    from triton_models.export import load_inference_workflow
+    from triton_models.graph import load_inference_workflow
 
     torch.set_num_threads(1)
     model = OdmtRecommender.from_pretrained(run, data_dir=data)
@@ -228,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from triton_models.export import ServingConfig, example_sessions, export
+    from triton_models.checks import example_sessions
+    from triton_models.export import ServingConfig, export
     from triton_models.server import TritonServer
 
     work = Path(tempfile.mkdtemp(prefix="odmt-serving-bench-"))

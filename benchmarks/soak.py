@@ -109,7 +109,8 @@ class Reference:
         import torch
 
         from odmt_t4r.model import OdmtRecommender
-        from triton_models.export import catalog_ids, load_inference_workflow, reference_recommend
+        from triton_models.checks import catalog_ids, reference_recommend
+        from triton_models.graph import load_inference_workflow
 
         torch.set_num_threads(1)
         model = OdmtRecommender.from_pretrained(run, data_dir=data)
@@ -216,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from triton_models.client import RecommenderClient
-    from triton_models.export import ServingConfig, example_sessions, export
+    from triton_models.checks import example_sessions
+    from triton_models.export import ServingConfig, export
     from triton_models.server import TritonServer
 
     work = Path(tempfile.mkdtemp(prefix="odmt-soak-"))

@@ -19,6 +19,7 @@ COMMANDS = {
     "prepare": ("odmt_t4r.prepare", "load a source, build item features, run the NVTabular workflows, write DIR"),
     "train": ("odmt_t4r.training.train", "train odmt / sasrec / late-fusion on a prepared DIR into RUN"),
     "evaluate": ("odmt_t4r.training.evaluate", "full-ranking HR/NDCG of a RUN on the valid or test split"),
+    "add-items": ("odmt_t4r.catalog_update", "add new catalog items to a trained RUN from their content (no retraining)"),
     "export": ("triton_models.export", "export a RUN as a Triton model repository (merlin-systems ensemble)"),
     "serve": ("triton_models.server", "start a real Triton server on a model repository"),
     "recommend": ("triton_models.client", "ask a running server for recommendations"),

@@ -3,11 +3,16 @@
 Prepared DIR (`odmt prepare`): manifest.json with `format` PREPARED_FORMAT; items.parquet; the
 train/valid/test splits (parquet parts + schema.pbtxt) whose rows hold ITEM_LIST (the history ending with
 its target), SEEN_LIST (every earlier item of the user) and USER_IDX; features/; workflows/.
+A DIR prepared with `--cold-items F` also holds COLD_DIR: COLD_ITEMS, the held-out items in the catalog
+file format (`odmt add-items --items`), and COLD_TEST, one row per user whose test target is a held-out
+item (COLD_TEST_COLUMNS); manifest.json's `cold` says how they were chosen.
 Item indices: PAD 0, NULL 1, OOV 2, then the catalog from RESERVED_ROWS on.
 
 RUN folder (`odmt train`): config.json with `format` RUN_FORMAT (a model saved on its own carries
 MODEL_FORMAT) and `data.dir`, the prepared DIR it was trained on; model.pt, item_vectors.pt, checkpoint.pt,
-log.jsonl, fusion.json.
+log.jsonl, fusion.json. A RUN written by `odmt add-items` is a whole RUN too: its config.json names its
+`parent_run`, and ADDED_ITEMS lists the items appended after the prepared DIR's catalog (item_id,
+item_idx from the DIR's last index on); `run_item_ids` is index -> raw ID over both.
 
 Sessions are cut to their LAST `max_length` items and right-padded with PAD (`last_items`): the same rule
 in training batches, evaluation, and the served graph.
@@ -29,7 +34,14 @@ MODEL_FORMAT = "odmt-model/1"
 ITEM_LIST = "item_id-list"  # a split row: the history items, ending with the target
 SEEN_LIST = "seen-list"  # every item of the user before the target (the evaluation's exclusion)
 USER_IDX = "user_idx"
+ADDED_ITEMS = "added_items.parquet"  # RUN file: items added after training (odmt add-items)
 SPLITS = ("train", "valid", "test")
+COLD_DIR = "cold"  # prepared DIR folder of the held-out (cold-start) items, `odmt prepare --cold-items`
+COLD_ITEMS = f"{COLD_DIR}/items.csv"  # item_id, text, image (paths relative to this file's folder)
+COLD_TEST = f"{COLD_DIR}/test.parquet"
+# user_id; history: the user's earlier non-cold items as DIR indices, in time order; target_id: the raw ID
+# of the held-out item; earlier_cold_ids: raw IDs of held-out items the user had before it (excluded too)
+COLD_TEST_COLUMNS = ("user_id", "history", "target_id", "earlier_cold_ids")
 
 PAD, NULL, OOV = 0, 1, 2  # NVTabular Categorify's reserved rows
 RESERVED_ROWS = 3  # the catalog's items are indexed from here on
@@ -71,3 +83,50 @@ def last_items(values: np.ndarray, offsets: np.ndarray, width: int | None = None
     cols = np.arange(keep.sum()) - np.repeat(np.cumsum(keep) - keep, keep)
     out[rows, cols] = values[np.repeat(offsets[1:] - keep, keep) + cols]
     return out
+
+
+def catalog_item_ids(data_dir: str | Path) -> np.ndarray:
+    """index -> raw item ID (str) from a prepared DIR's items.parquet; "" for the reserved and unused rows."""
+    import pandas as pd
+
+    items = pd.read_parquet(Path(data_dir) / "items.parquet", columns=["item_idx", "item_id"])
+    ids = np.full(int(items["item_idx"].max()) + 1 if len(items) else RESERVED_ROWS, "", dtype=object)
+    ids[items["item_idx"].to_numpy()] = items["item_id"].astype(str).to_numpy()
+    return ids
+
+
+def run_item_ids(run: str | Path, data_dir: str | Path | None = None) -> np.ndarray:
+    """index -> raw item ID (str) of a RUN: the prepared DIR's catalog, then the RUN's added items."""
+    import pandas as pd
+
+    ids = catalog_item_ids(run_data_dir(run, data_dir))
+    added_path = Path(run) / ADDED_ITEMS
+    if not added_path.is_file():
+        return ids
+    added = pd.read_parquet(added_path, columns=["item_idx", "item_id"])
+    out = np.full(max(len(ids), int(added["item_idx"].max()) + 1), "", dtype=object)
+    out[: len(ids)] = ids
+    out[added["item_idx"].to_numpy()] = added["item_id"].astype(str).to_numpy()
+    return out
+
+
+def _cold_file(data_dir: str | Path, name: str) -> Path:
+    path = Path(data_dir) / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{data_dir} holds no cold-start items ({name}): prepare it with --cold-items FRACTION")
+    return path
+
+
+def read_cold_test(data_dir: str | Path):
+    """A prepared DIR's cold-start test rows (COLD_TEST_COLUMNS); FileNotFoundError when DIR holds none."""
+    import pandas as pd
+
+    return pd.read_parquet(_cold_file(data_dir, COLD_TEST), columns=list(COLD_TEST_COLUMNS))
+
+
+def cold_item_ids(data_dir: str | Path) -> list[str]:
+    """The raw IDs of the items a prepared DIR holds out for cold-start evaluation (COLD_ITEMS)."""
+    import pandas as pd
+
+    # IDs exactly as written ("007", "NA"), as the csv source reads them
+    return pd.read_csv(_cold_file(data_dir, COLD_ITEMS), usecols=["item_id"], dtype=str, keep_default_na=False)["item_id"].tolist()

@@ -9,6 +9,15 @@ DIR layout (the contract `odmt train` reads):
     categories/              the Categorify vocabularies
     features/                text.npy, text_mask.npy, image.npy, image_mask.npy, manifest.json
     raw_images/              the fashion source's product photos (generated sources only; not hashed)
+    cold/items.csv, cold/test.parquet   with --cold-items F only: the held-out items and their test rows
+
+Cold start (`--cold-items F`, see `hold_out_cold_items`): floor(F x N) of the N items with interactions,
+those whose first interaction (timestamp, then input row) comes last, are held out. Every interaction
+with them is dropped before the workflows run, so they are in no vocabulary, feature, split or count;
+the train/valid/test splits are leave-one-out on the remaining interactions. A user whose last
+interaction is a held-out item gets a cold test row: that item is the target, the user's earlier
+non-held-out items the history (users with no such item get none). `odmt add-items` adds the held-out
+items from cold/items.csv; `odmt evaluate --slice cold` scores the rows.
 
 The folder is built next to DIR and swapped in whole (odmt_t4r/output_folder.py): an existing DIR is
 replaced only when odmt wrote it, and a run killed at any point leaves the old DIR or the new one.
@@ -26,6 +35,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from odmt_t4r.contract import COLD_DIR, COLD_ITEMS, COLD_TEST, COLD_TEST_COLUMNS, RESERVED_ROWS
 from odmt_t4r.contract import PREPARED_FORMAT as FORMAT, read_split  # noqa: F401 (re-exported)
 
 
@@ -47,6 +57,7 @@ class PrepareConfig:
     partitions: int = 1  # >1 splits the interactions into Dask partitions (by user ranges first); a cluster: at least one per worker
     dask_workers: int = 0  # >0 starts a local Dask cluster (dask-cuda's LocalCUDACluster on GPUs) with this many workers
     dask_scheduler: str | None = None  # the address of a running Dask scheduler (tcp://host:port) to run on instead
+    cold_items: float = 0.0  # share of the interacted catalog held out for cold-start evaluation (latest first interactions)
 
     def validate(self) -> None:
         """Refuses, before any work, settings that would fail later or be silently ignored."""
@@ -60,6 +71,8 @@ class PrepareConfig:
             raise ValueError(f"--dask-workers must be 0 or more, got {self.dask_workers}")
         if self.dask_workers and self.dask_scheduler:
             raise ValueError("--dask-workers starts a local cluster and --dask-scheduler uses a running one; give one of them")
+        if not 0.0 <= self.cold_items < 1.0:
+            raise ValueError(f"--cold-items is the share of the catalog held out, in [0, 1), got {self.cold_items}")
         if self.min_interactions < 3:
             raise ValueError(f"min_interactions must be at least 3 (a train item, a validation and a test target), got {self.min_interactions}")
         if self.source not in ("csv", "parquet") and (self.interactions or self.items or self.timestamp_format):
@@ -159,9 +172,15 @@ def _prepare(cfg: PrepareConfig, stage: Path) -> dict:
     raw = load_source(cfg.source, interactions=cfg.interactions, items=cfg.items, seed=cfg.seed,
                       n_items=cfg.n_items, fashion_mnist_dir=cfg.fashion_mnist_dir, workdir=str(stage),
                       timestamp_format=cfg.timestamp_format)
-    raw.check_history_lengths(cfg.min_interactions)
     inter = raw.interactions.copy()
     inter[W.ROW_COL] = range(len(inter))  # input-file order: the tiebreak for equal timestamps
+    cold = None
+    if cfg.cold_items > 0:
+        inter, raw.items, cold = hold_out_cold_items(inter, raw.items, cfg.cold_items)
+        raw.interactions = inter.drop(columns=[W.ROW_COL])
+        _step(f"  cold start: held out {len(cold.items):,} items (first interaction from {cold.first_interaction_from} ms), "
+              f"{cold.interactions_dropped:,} interactions, {len(cold.test):,} cold test users")
+    raw.check_history_lengths(cfg.min_interactions)
     _step(f"  {len(inter):,} interactions, {inter.user_id.nunique():,} users, {len(raw.items):,} catalog items "
           f"({time.perf_counter() - t0:.1f}s)")
 
@@ -197,6 +216,8 @@ def _prepare(cfg: PrepareConfig, stage: Path) -> dict:
     counts = pd.Series(pd.Series(list(train_items)).explode().dropna().astype("int64")).value_counts()
     items["train_count"] = items["item_idx"].map(counts).fillna(0).astype("int64")
     items.to_parquet(stage / "items.parquet", index=False)
+    if cold is not None:
+        cold.write(stage, pd.Series(items["item_idx"].to_numpy(), index=items["item_id"].to_numpy()))
 
     n_index = int(items["item_idx"].max()) + 1
     feature_manifest = None
@@ -232,14 +253,86 @@ def _prepare(cfg: PrepareConfig, stage: Path) -> dict:
         },
         "notes": raw.notes,
         "features": feature_manifest,
+        "cold": None if cold is None else cold.summary(cfg.cold_items),
         "versions": _versions(),
     }
     generated = [g for g in GENERATED_FOLDERS if (stage / g).is_dir()]
     return write_manifest(stage, manifest, generated_folders=generated)  # last: hashes, signature
 
 
+@dataclass
+class ColdHoldout:
+    """The held-out items of `--cold-items` and their test rows (raw IDs until `write` maps the history)."""
+
+    items: pd.DataFrame  # catalog rows of the held-out items, by first interaction
+    test: pd.DataFrame  # user_id, history_ids (raw, time order), target_id, earlier_cold_ids
+    items_with_interactions: int
+    first_interaction_from: int  # epoch ms: the earliest first interaction among the held-out items
+    interactions_dropped: int
+    users_without_history: int  # cold-target users whose every earlier item is held out too: no row
+
+    def write(self, stage: Path, index: pd.Series) -> None:
+        """COLD_ITEMS (image paths relative to it when inside DIR, so DIR can move) and COLD_TEST, whose
+        history is mapped through `index` (raw item ID -> DIR index)."""
+        folder = stage / COLD_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        items = self.items.copy()
+        if "image" in items:
+            items["image"] = items["image"].map(lambda p: None if pd.isna(p) else
+                                                os.path.relpath(p, folder) if str(p).startswith(str(stage)) else p)
+        items.to_csv(stage / COLD_ITEMS, index=False)
+        test = self.test.assign(history=self.test["history_ids"].map(lambda ids: index[list(ids)].to_numpy(dtype="int64")))
+        test[list(COLD_TEST_COLUMNS)].to_parquet(stage / COLD_TEST, index=False)
+
+    def summary(self, fraction: float) -> dict:
+        return {"fraction": fraction, "items": len(self.items), "items_with_interactions": self.items_with_interactions,
+                "rule": "floor(fraction x items with interactions) items with the latest first interaction "
+                        "(timestamp, then input row); all their interactions dropped",
+                "first_interaction_from_ms": self.first_interaction_from, "interactions_dropped": self.interactions_dropped,
+                "test_users": len(self.test), "cold_target_users_without_history": self.users_without_history,
+                "files": [COLD_ITEMS, COLD_TEST]}
+
+
+def hold_out_cold_items(inter: pd.DataFrame, items: pd.DataFrame, fraction: float
+                        ) -> tuple[pd.DataFrame, pd.DataFrame, ColdHoldout]:
+    """(interactions with `_row`, catalog) -> (interactions without the held-out items, catalog without
+    them, the hold-out). Held out: floor(fraction x N) of the N items with interactions whose first
+    interaction, ordered by (timestamp, input row) like the sessions, comes last."""
+    from workflows.sessions import ITEM_COL, ROW_COL, TIME_COL, USER_COL
+
+    timeline = inter.sort_values([TIME_COL, ROW_COL], kind="stable")
+    first = timeline.drop_duplicates(ITEM_COL)  # each item's first interaction, in time order
+    n_cold = int(fraction * len(first) + 1e-9)  # floor, without float error turning 29.0 into 28
+    if n_cold < 1:
+        raise ValueError(f"--cold-items {fraction} holds out no item: only {len(first)} items have interactions")
+    cold_ids = first[ITEM_COL].iloc[len(first) - n_cold:]
+    cold = set(cold_ids)
+    is_cold = timeline[ITEM_COL].isin(cold)
+    last = timeline.drop_duplicates(USER_COL, keep="last")
+    targets = last.loc[last[ITEM_COL].isin(cold), [USER_COL, ITEM_COL]]
+    # the cold-target users' rows before their target (the timeline is in each user's session order)
+    earlier = timeline[timeline[USER_COL].isin(set(targets[USER_COL])) & ~timeline.index.isin(targets.index)]
+    cold_earlier = is_cold[earlier.index]
+
+    def lists(rows: pd.DataFrame) -> pd.Series:  # user -> their items, in session order
+        return rows.groupby(USER_COL, sort=False)[ITEM_COL].agg(list)
+
+    test = targets.rename(columns={ITEM_COL: "target_id"}).set_index(USER_COL)
+    test["history_ids"] = lists(earlier[~cold_earlier])
+    test["earlier_cold_ids"] = lists(earlier[cold_earlier])
+    has_history = test["history_ids"].notna()
+    test = test[has_history].reset_index()
+    test["earlier_cold_ids"] = test["earlier_cold_ids"].map(lambda v: v if isinstance(v, list) else [])
+    cold_items = items.set_index(ITEM_COL).loc[cold_ids].reset_index()
+    holdout = ColdHoldout(items=cold_items, test=test, items_with_interactions=len(first),
+                          first_interaction_from=int(first[TIME_COL].iloc[len(first) - n_cold]),
+                          interactions_dropped=int(is_cold.sum()), users_without_history=int((~has_history).sum()))
+    kept_items = items[~items[ITEM_COL].isin(cold)].reset_index(drop=True)
+    return inter[~inter[ITEM_COL].isin(cold)].reset_index(drop=True), kept_items, holdout
+
+
 def _item_table(items: pd.DataFrame, vocab: pd.Series, stage: Path) -> pd.DataFrame:
-    idx = pd.Series(range(3, 3 + len(vocab)), index=vocab.values)
+    idx = pd.Series(range(RESERVED_ROWS, RESERVED_ROWS + len(vocab)), index=vocab.values)
     table = items.copy()
     table.insert(0, "item_idx", table["item_id"].map(idx).astype("int64"))
     if "image" in table:  # store paths relative to DIR when they live inside it, so DIR can move
@@ -253,7 +346,9 @@ def summary(m: dict) -> str:
     return (f"prepared {m['source']}: {c['users']:,} users, {c['items']:,} items, {c['interactions']:,} interactions; "
             f"mean sequence length {c['mean_sequence_length']}; modalities {', '.join(m['modalities'])}; "
             f"rows train {c['rows']['train']:,} / valid {c['rows']['valid']:,} / test {c['rows']['test']:,}"
-            + (f"; {c['users_dropped_too_short']} users with < 3 interactions left out" if c['users_dropped_too_short'] else ""))
+            + (f"; {c['users_dropped_too_short']} users with < 3 interactions left out" if c['users_dropped_too_short'] else "")
+            + (f"; cold start: {m['cold']['items']:,} items held out, {m['cold']['test_users']:,} cold test users"
+               if m.get("cold") else ""))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -281,6 +376,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "started on 127.0.0.1 and closed at the end")
     p.add_argument("--dask-scheduler", default=None, metavar="ADDRESS",
                    help="run the workflows on the running Dask cluster whose scheduler is at ADDRESS (tcp://host:port)")
+    p.add_argument("--cold-items", type=float, default=d.cold_items, metavar="FRACTION",
+                   help="hold out this share of the items with interactions, those whose first interaction comes "
+                        "last, from training entirely; DIR/cold/ then holds them and the test rows whose target is "
+                        "one of them (`odmt add-items`, `odmt evaluate --slice cold`); default 0: none")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -290,7 +389,7 @@ def run(args: argparse.Namespace) -> int:
                         fashion_mnist_dir=args.fashion_mnist_dir, features=not args.no_features,
                         max_text_tokens=args.max_text_tokens, image_size=args.image_size,
                         partitions=args.partitions, dask_workers=args.dask_workers,
-                        dask_scheduler=args.dask_scheduler)
+                        dask_scheduler=args.dask_scheduler, cold_items=args.cold_items)
     manifest = prepare(cfg, force=args.force)  # errors: one `odmt prepare: error:` line from odmt_t4r.cli
     print(summary(manifest))
     print(f"wrote {Path(cfg.out).resolve()}")

@@ -67,7 +67,8 @@ def test_ensemble_others_leaves_the_student_out_of_its_teacher():
 @pytest.mark.parametrize("mode, teacher_grad", [("mutual", True), ("detached", False)])
 def test_kd_mode_decides_whether_the_id_teacher_learns_from_its_students(data_dir, mode, teacher_grad):
     torch.manual_seed(0)
-    model = build_model("odmt", data_dir, modalities=["id", "text"], kd_mode=mode, id_teacher="none", **SMALL)
+    model = build_model("odmt", data_dir, modalities=["id", "text"], kd_mode=mode, id_teacher="none", kd_weight=0.5,
+                        **SMALL)
     out = model(rows(), progress=1.0)
     model.zero_grad()
     out["losses"]["kd"].backward()  # only text <- id: any gradient in the id branch came through its teacher role

@@ -10,16 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from triton_models.export import (
-    ServingConfig,
-    build_ensemble,
-    check_in_process,
-    edge_sessions,
-    example_sessions,
-    export,
-    load_inference_workflow,
-    vocabulary_ids,
-)
+from triton_models.checks import ServingCheckError, check_in_process, edge_sessions, example_sessions
+from triton_models.export import ServingConfig, export
+from triton_models.graph import build_ensemble, load_inference_workflow, vocabulary_ids
 from triton_models.predict import ARTIFACT_DIR, OdmtPredict
 from triton_models.vocab_lookup import OOV_INDEX, FastPathUnsupported, VocabularyLookup, slice_bounds
 
@@ -216,7 +209,7 @@ def test_in_process_check_catches_a_wrong_vocabulary(run_dir, data_dir, workflow
     sessions = example_sessions(data_dir, 20)
     assert check_in_process(ensemble, predict, wf, sessions)["encodings_checked"] == 20
     predict.item_ids = np.roll(predict.item_ids, 1)  # a vocabulary off by one
-    with pytest.raises(AssertionError, match="differ"):
+    with pytest.raises(ServingCheckError, match="differ"):
         check_in_process(ensemble, predict, wf, sessions)
 
 
@@ -249,7 +242,8 @@ def test_export_writes_a_tuned_self_contained_repository(run_dir, data_dir, tmp_
     assert [(i.name, i.data_type, i.allow_ragged_batch) for i in executor.input] == [
         ("item_id-list__values", mc.TYPE_STRING, True), ("item_id-list__offsets", mc.TYPE_INT32, True)]
     assert [(o.name, o.data_type, list(o.dims)) for o in executor.output] == [
-        ("item_ids", mc.TYPE_STRING, [-1, 7]), ("scores", mc.TYPE_FP32, [-1, 7])]
+        ("item_ids", mc.TYPE_STRING, [-1, 7]), ("scores", mc.TYPE_FP32, [-1, 7]),
+        ("contribution_id", mc.TYPE_FP32, [-1, 7])]  # optional: computed only for requests that ask for it
     model_py = (repo / "executor_model" / "1" / "model.py").read_text()
     assert model_py == (ROOT / "triton_models" / "executor_model.py").read_text()
     assert (repo / "executor_model" / "1" / "ensemble" / ARTIFACT_DIR / "model.pt").is_file()
@@ -316,7 +310,7 @@ def test_cli_export_and_its_errors(run_dir, data_dir, tmp_path, capsys):
 @pytest.mark.parametrize("n_items", [1, 3])
 def test_export_works_from_a_one_item_catalog_and_pads_what_is_left(tmp_path, n_items):
     from tests.tiny_data import prepare_tiny, untrained_run
-    from triton_models.export import catalog_ids, reference_recommend
+    from triton_models.checks import catalog_ids, reference_recommend
 
     data = prepare_tiny(tmp_path / "inputs", tmp_path / "prepared", n_items=n_items, n_users=4, length=4)
     run = untrained_run(data, tmp_path / "run")

@@ -140,13 +140,22 @@ def test_soft_cross_entropy_sends_gradients_to_the_teacher():
 
 def test_mutual_kd_from_the_text_branch_reaches_the_id_teacher(data_dir):
     torch.manual_seed(0)
-    model = build_model("odmt", data_dir, modalities=["id", "text"], kd_mode="mutual", id_teacher="none", **SMALL)
+    model = build_model("odmt", data_dir, modalities=["id", "text"], kd_mode="mutual", id_teacher="none",
+                        kd_weight=0.5, **SMALL)
     out = model(batch_rows(), progress=1.0)
     model.zero_grad()
     out["losses"]["kd"].backward()
     id_grad = sum(p.grad.abs().sum() for p in model.branches["id"].parameters() if p.grad is not None)
     text_grad = sum(p.grad.abs().sum() for p in model.branches["text"].parameters() if p.grad is not None)
     assert id_grad > 0 and text_grad > 0
+
+
+def test_kd_off_computes_no_kd_term(data_dir):
+    torch.manual_seed(0)
+    model = build_model("odmt", data_dir, **SMALL)  # kd_weight 0, the default
+    out = model(batch_rows(), progress=1.0)
+    assert "kd" not in out["losses"] and out["kd_weight"] == 0.0
+    assert out["loss"].item() == pytest.approx(sum(out["losses"][b] for b in ("id", "text", "image")).item())
 
 
 def test_total_loss_is_branch_ces_plus_weighted_kd(data_dir):
@@ -168,7 +177,7 @@ def subsets():
 @pytest.mark.parametrize("modalities", subsets(), ids=lambda m: "+".join(m))
 def test_every_branch_subset_trains_and_scores(data_dir, modalities):
     torch.manual_seed(0)
-    model = build_model("odmt", data_dir, modalities=modalities, **SMALL)
+    model = build_model("odmt", data_dir, modalities=modalities, kd_weight=0.5, **SMALL)
     assert model.branch_names == modalities
     out = model(batch_rows())
     assert torch.isfinite(out["loss"])

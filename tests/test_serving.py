@@ -12,14 +12,9 @@ import pytest
 
 from tests.triton_fixtures import triton_available
 from triton_models.client import RecommenderClient, encode_sessions
-from triton_models.export import (
-    ServingConfig,
-    catalog_ids,
-    example_sessions,
-    export,
-    load_inference_workflow,
-    reference_recommend,
-)
+from triton_models.checks import catalog_ids, example_sessions, reference_recommend
+from triton_models.export import ServingConfig, export
+from triton_models.graph import load_inference_workflow
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not triton_available(), reason="no tritonserver")]
 K = 10

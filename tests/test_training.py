@@ -84,7 +84,8 @@ def test_train_then_evaluate_writes_the_run_folder(data_dir, tmp_path):
     assert saved["train"]["model"] == "odmt" and saved["model"]["modalities"] == ["id", "text"]
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2]
-    assert {"id", "text", "kd", "loss"} <= set(log[0]["losses"]) and "NDCG@10" in log[0]["valid"]
+    assert {"id", "text", "loss"} <= set(log[0]["losses"]) and "NDCG@10" in log[0]["valid"]
+    assert "kd" not in log[0]["losses"]  # distillation is off by default: its term is not computed
 
     assert cli(evaluate, ["--run", run, "--split", "test", "--no-progress"]) == 0
     metrics = json.loads((run / "metrics-test.json").read_text())

@@ -13,7 +13,11 @@ hands it several, and it reads inputs as if `max_batch_size` were 0. This subcla
     `max_sessions_per_run` sessions (a config parameter) so memory stays bounded;
   * the output rows are split back per request; a request that fails validation gets its own error
     response and does not fail the others. If the merged run raises, each request is retried alone so
-    the error lands on the request that caused it.
+    the error lands on the request that caused it;
+  * optional outputs (an operator's `optional_outputs`, e.g. OdmtPredict's per-branch contributions) are
+    computed only when a request of the run asked for them: the operator's `requested` is set to the
+    union of the requests' `requested_output_names()` before each run, and each response holds just what
+    its request asked for. (A request that names no outputs asks for all of them, as Triton defines it.)
 
 export.py copies this file into the model repository as executor_model/1/model.py.
 """
@@ -24,6 +28,7 @@ import json
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from merlin.dag import postorder_iter_nodes
 from merlin.systems.dag.runtimes.triton import TritonExecutorRuntime
 from merlin.systems.triton.conversions import tensor_names
 from merlin.systems.triton.models.executor_model import TritonPythonModel as MerlinExecutorModel
@@ -51,6 +56,9 @@ class TritonPythonModel(MerlinExecutorModel):
         bad = [c for c, s in self.outputs.column_schemas.items() if s.is_ragged]
         if bad:
             raise pb_utils.TritonModelException(f"ragged outputs are not supported by this executor: {bad}")
+        # operators whose optional outputs are skipped unless asked for (duck-typed: ops are pickled by value)
+        self.explainers = [n.op for n in postorder_iter_nodes(self.ensemble.graph.output_node)
+                           if getattr(n.op, "optional_outputs", None)]
 
     # -- reading one request ---------------------------------------------------------------------
     def _tensor(self, request, name):
@@ -110,16 +118,20 @@ class TritonPythonModel(MerlinExecutorModel):
             out[name] = np.zeros([0, *dims], dtype=col.dtype.to_numpy)
         return out
 
-    def _run(self, parts: list[dict], rows: list[int]) -> list[dict]:
-        """Runs the graph once on the merged sessions and splits its outputs back per request."""
+    def _run(self, parts: list[dict], rows: list[int], wanted: list[set]) -> list[dict]:
+        """Runs the graph once on the merged sessions and splits its outputs back per request, each
+        request getting the outputs it asked for (`wanted`); optional ones run only if one asked."""
+        asked = frozenset().union(*wanted)
+        for op in self.explainers:
+            op.requested = asked
         if sum(rows) == 0:
             outputs = self._empty_outputs()
         else:
             table = self.ensemble.transform(self._merge(parts), runtime=self.runtime)
             outputs = table.to_dict()
-        names = tensor_names(self.outputs)
+        names = [n for n in tensor_names(self.outputs) if n in asked]
         bounds = np.cumsum([0, *rows])
-        return [{n: outputs[n][a:b] for n in names} for a, b in zip(bounds[:-1], bounds[1:])]
+        return [{n: outputs[n][a:b] for n in names if n in w} for a, b, w in zip(bounds[:-1], bounds[1:], wanted)]
 
     def _response(self, outputs: dict):
         tensors = []
@@ -136,14 +148,15 @@ class TritonPythonModel(MerlinExecutorModel):
 
     def execute(self, requests):
         responses = [None] * len(requests)
-        pending = []  # (request position, its columns, its number of sessions)
+        pending = []  # (request position, its columns, its number of sessions, the outputs it asked for)
         for i, request in enumerate(requests):
             try:
                 columns, n = self._read(request)
             except RequestError as exc:
                 responses[i] = self._error(str(exc), invalid_request=True)
                 continue
-            pending.append((i, columns, n))
+            asked = set(request.requested_output_names()) or set(tensor_names(self.outputs))  # none named: all
+            pending.append((i, columns, n, asked))
         for group in self._groups(pending):
             self._answer(group, responses)
         return responses
@@ -162,17 +175,17 @@ class TritonPythonModel(MerlinExecutorModel):
             yield group
 
     def _answer(self, group, responses) -> None:
-        parts, rows = [g[1] for g in group], [g[2] for g in group]
+        parts, rows, wanted = [g[1] for g in group], [g[2] for g in group], [g[3] for g in group]
         try:
-            results = self._run(parts, rows)
+            results = self._run(parts, rows, wanted)
         except Exception:  # noqa: BLE001 - find the request that failed, answer the others
             results = []
-            for part, n in zip(parts, rows):
+            for part, n, w in zip(parts, rows, wanted):
                 try:
-                    results.append(self._run([part], [n])[0])
+                    results.append(self._run([part], [n], [w])[0])
                 except Exception as exc:  # noqa: BLE001
                     results.append(exc)
-        for (i, _, _), result in zip(group, results):
+        for (i, *_), result in zip(group, results):
             if isinstance(result, Exception):
                 responses[i] = self._error(f"{type(result).__name__}: {result}",
                                            invalid_request=isinstance(result, RequestError))

@@ -11,6 +11,14 @@ libtorch backend. Per request:
 
     item_ids  object (bytes) [B, K]   raw item IDs, best first; b"" pads a row with fewer than K items
     scores    float32        [B, K]   their scores, descending; -inf where the ID is b""
+    contribution_<branch>  float32 [B, K]   OPTIONAL, one per branch in the fused score (id/text/image):
+              how far that branch lifts each returned item above an average catalog item, weighted as
+              the fusion weighs it (odmt_t4r/model/explain.py); the largest says which branch drove it.
+              0 where the ID is b"" and for empty sessions (answered by popularity).
+
+The contributions are computed only when the executor says a request asked for them (`requested`, set
+per graph run from the requests' requested outputs); otherwise `transform` returns zero-stride
+placeholders the executor never sends, so a request without them pays nothing but an array header.
 
 An empty session has no history to encode: it gets the K most popular training items (the model's
 `log_popularity` buffer, ties in vocabulary order) with their log training counts as scores.
@@ -40,6 +48,7 @@ from merlin.schema import ColumnSchema, Schema, Tags
 from merlin.table import TensorTable
 
 ITEM_IDS, SCORES = "item_ids", "scores"
+CONTRIBUTION = "contribution_"  # + branch name: the optional per-branch outputs
 ARTIFACT_DIR = "odmt_model"  # under the executor model's ensemble/ folder
 RUN_FILES = ("config.json", "model.pt", "item_vectors.pt")
 from odmt_t4r.contract import ITEM_LIST, RESERVED_ROWS, last_items  # noqa: E402  (0 pad, 1 null, 2 OOV)
@@ -68,12 +77,16 @@ class OdmtPredict(BaseOperator):
         self.item_ids = ids
         self._model = None
         self._popular: tuple[np.ndarray, np.ndarray] | None = None
+        self.explained = explained_branches(self.run_dir)  # the branches with a contribution output
+        self.requested: frozenset[str] | None = None  # outputs to compute; None = all (in-process use)
+        self._explainer = None  # BranchExplainer and raw ID -> index, built on the first explanation
 
     # -- model lifecycle -------------------------------------------------------------------------
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_model"] = None  # the weights travel as artifacts, not inside ensemble.pkl
         state["_popular"] = None
+        state["_explainer"] = None
         return state
 
     def save_artifacts(self, artifact_path: str | os.PathLike | None = None) -> None:
@@ -117,6 +130,7 @@ class OdmtPredict(BaseOperator):
             raise ValueError(f"the model indexes {model.config.n_index} rows but the vocabulary has "
                              f"{len(self.item_ids)}: the RUN was not trained on this prepared DIR")
         model.catalog_vectors()  # each branch's item matrix, once, now
+        model.retriever()  # the fused item matrix and, for a large catalog, its HNSW index (retrieval.py)
         self.jit_status = trace_sequence_encoders(model) if self.jit else "off"
         pop = model.log_popularity.detach().cpu().numpy().astype(np.float64).copy()
         pop[:RESERVED_ROWS] = -np.inf
@@ -161,6 +175,36 @@ class OdmtPredict(BaseOperator):
             scores[empty, : len(order)] = pop
         return ids, scores
 
+    # -- explanations ----------------------------------------------------------------------------
+    @property
+    def optional_outputs(self) -> tuple[str, ...]:
+        """Outputs computed only when asked for (the executor sets `requested` per graph run)."""
+        return tuple(CONTRIBUTION + b for b in self.explained)
+
+    def explain(self, values: np.ndarray, offsets: np.ndarray, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Encoded sessions and their answered raw IDs [B K] -> {contribution_<branch>: float32 [B K]}:
+        each branch's weighted lift of each item over an average catalog item (odmt_t4r/model/explain.py).
+        Padding (b"") and empty sessions (popularity answers) get 0."""
+        import torch
+
+        from odmt_t4r.model.explain import BranchExplainer
+
+        if self._explainer is None:
+            index = {raw: i for i, raw in enumerate(self.item_ids.tolist()) if raw}
+            self._explainer = (BranchExplainer(self.model), index)
+        explainer, index = self._explainer
+        hist = self.history(values, offsets)
+        idx = np.vectorize(lambda raw: index.get(raw, 0), otypes=[np.int64])(ids) if ids.size else \
+            np.zeros(ids.shape, dtype=np.int64)
+        explained = (idx > 0) & (hist[:, :1] > 0)  # a real item answered from a session's history
+        out = {CONTRIBUTION + b: np.zeros(ids.shape, dtype=np.float32) for b in self.explained}
+        if explained.any():
+            with torch.inference_mode():
+                lifts = explainer.contributions(torch.from_numpy(hist), torch.from_numpy(idx))
+            for b, lift in lifts.items():
+                out[CONTRIBUTION + b] = np.where(explained, lift.numpy(), 0.0).astype(np.float32)
+        return out
+
     # -- merlin operator -------------------------------------------------------------------------
     def transform(self, col_selector: ColumnSelector, transformable: TensorTable) -> TensorTable:
         col = transformable[self.input_column]
@@ -170,7 +214,13 @@ class OdmtPredict(BaseOperator):
         else:
             values, offsets = col.values, col.offsets
         ids, scores = self.recommend(values, offsets)
-        return TensorTable({ITEM_IDS: ids, SCORES: scores})
+        out = {ITEM_IDS: ids, SCORES: scores}
+        optional = self.optional_outputs
+        if self.requested is None or not self.requested.isdisjoint(optional):
+            out.update(self.explain(values, offsets, ids))
+        else:  # not asked for: a read-only zero-stride view (no data) keeps the graph's output schema whole
+            out.update({name: np.broadcast_to(np.float32(0), ids.shape) for name in optional})
+        return TensorTable(out)
 
     def compute_input_schema(self, root_schema: Schema, parents_schema: Schema, deps_schema: Schema,
                              selector: ColumnSelector) -> Schema:
@@ -184,6 +234,7 @@ class OdmtPredict(BaseOperator):
         return Schema([
             ColumnSchema(ITEM_IDS, dtype="object", tags=[Tags.ITEM_ID], dims=(None, self.k)),
             ColumnSchema(SCORES, dtype=np.float32, dims=(None, self.k)),
+            *(ColumnSchema(name, dtype=np.float32, dims=(None, self.k)) for name in self.optional_outputs),
         ])
 
     @property
@@ -192,6 +243,15 @@ class OdmtPredict(BaseOperator):
 
     def __repr__(self) -> str:
         return f"OdmtPredict(run_dir={self.run_dir!r}, k={self.k}, items={len(self.item_ids) - RESERVED_ROWS})"
+
+
+def explained_branches(run_dir: str | os.PathLike) -> list[str]:
+    """The branches of a RUN's fused score (weight > 0), in model order: one contribution output each."""
+    from odmt_t4r.model import OdmtConfig
+    from odmt_t4r.model.explain import fusion_weights
+
+    config = OdmtConfig.from_dict(json.loads((Path(run_dir) / "config.json").read_text())["model"])
+    return list(fusion_weights(config))
 
 
 def trace_sequence_encoders(model, atol: float = 1e-5) -> str:

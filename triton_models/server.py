@@ -105,7 +105,10 @@ class TritonServer:
     def __init__(self, repo: str | os.PathLike, http_port: int | None = None, grpc_port: int | None = None,
                  host: str = "127.0.0.1", log_file: str | os.PathLike | None = None, *,
                  metrics_port: int | None = None, timeout: float = 120.0, exit_timeout: int = 5,
-                 echo: TextIO | None = None, log_verbose: int = 0, extra_args: tuple[str, ...] = ()):
+                 echo: TextIO | None = None, log_verbose: int = 0, extra_args: tuple[str, ...] = (),
+                 model_control: str = "none"):
+        if model_control not in ("none", "explicit"):
+            raise ValueError(f"model_control must be 'none' or 'explicit', not {model_control!r}")
         self.repo = Path(repo).resolve()
         self.host = host
         picked = iter(_free_ports(host, 3))
@@ -115,6 +118,8 @@ class TritonServer:
         self.log_file = Path(log_file) if log_file else None
         self.timeout, self.exit_timeout, self.echo = timeout, exit_timeout, echo
         self.log_verbose, self.extra_args = log_verbose, tuple(extra_args)
+        # explicit: every model is loaded at start, and `load()` swaps in a new version while serving
+        self.model_control = model_control
         # A per-server shm prefix, so stop() removes exactly this server's python-backend regions.
         self.shm_prefix = f"{SHM_PREFIX}odmt{uuid.uuid4().hex[:12]}_"
         self.process: subprocess.Popen | None = None
@@ -159,6 +164,8 @@ class TritonServer:
                f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}"]
         if install.cache_dir and install.cache_dir.exists():
             cmd.append(f"--cache-directory={install.cache_dir}")
+        if self.model_control == "explicit":
+            cmd += ["--model-control-mode=explicit", "--load-model=*"]
         return cmd + list(self.extra_args)
 
     def start(self) -> "TritonServer":
@@ -247,7 +254,21 @@ class TritonServer:
     def _models_ready(self, client) -> bool:
         if not client.is_server_ready():
             return False
-        return all(m.get("state") == "READY" for m in client.get_model_repository_index())
+        ready: dict[str, bool] = {}  # a model is ready when one of its versions is (older ones are unloaded)
+        for m in client.get_model_repository_index():
+            ready[m["name"]] = ready.get(m["name"], False) or m.get("state") == "READY"
+        return bool(ready) and all(ready.values())
+
+    def load(self, model: str, timeout: float = 300.0) -> None:
+        """(Re)load `model` from the repository (explicit model control): Triton loads the newest version
+        while the current one keeps answering, then swaps; requests in flight are not dropped."""
+        import tritonclient.http as httpclient
+
+        client = httpclient.InferenceServerClient(self.http_url, connection_timeout=5.0, network_timeout=timeout)
+        try:
+            client.load_model(model)
+        finally:
+            client.close()
 
     def wait_ready(self, timeout: float) -> None:
         import tritonclient.http as httpclient
@@ -325,6 +346,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for readiness")
     parser.add_argument("--log-file", default=None, help="also write the server log here")
     parser.add_argument("--log-verbose", type=int, default=0)
+    parser.add_argument("--watch-seconds", type=float, default=1.0,
+                        help="how often to look for a new version in the repository's manifest (odmt add-items "
+                             "--repo); it is checked, then loaded without a restart. 0: never")
 
 
 def _interrupt(signum, frame) -> None:
@@ -336,7 +360,7 @@ def _interrupt(signum, frame) -> None:
 def run(args: argparse.Namespace) -> int:
     from odmt_t4r.output_folder import format_family, read_manifest
     from odmt_t4r.trust import TrustError, clear_bytecode_caches, verify_folder
-    from triton_models.export import FORMAT
+    from triton_models.repository import FORMAT
 
     try:  # before Triton unpickles ensemble.pkl or imports a model.py from the repository
         if format_family((read_manifest(Path(args.repo)) or {}).get("format")) == format_family(FORMAT):
@@ -347,13 +371,19 @@ def run(args: argparse.Namespace) -> int:
         return 2
     server = TritonServer(args.repo, args.http_port, args.grpc_port, args.host, args.log_file,
                           metrics_port=args.metrics_port, timeout=args.timeout, echo=sys.stderr,
-                          log_verbose=args.log_verbose)
+                          log_verbose=args.log_verbose,
+                          model_control="explicit" if args.watch_seconds > 0 else "none")
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    watcher = VersionWatcher(Path(args.repo))
     try:
         server.start()
         print(f"HTTP  {server.http_url}\nGRPC  {server.grpc_url}\nmetrics  {server.metrics_url}", flush=True)
+        next_look = time.monotonic() + args.watch_seconds
         while server.process.poll() is None:
             time.sleep(0.2)
+            if args.watch_seconds > 0 and time.monotonic() >= next_look:
+                watcher.poll(server)
+                next_look = time.monotonic() + args.watch_seconds
         print(f"error: tritonserver exited with code {server.process.returncode}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -365,6 +395,50 @@ def run(args: argparse.Namespace) -> int:
         server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+class VersionWatcher:
+    """Loads a repository's new version into a running server: when manifest.json changes (odmt add-items
+    --repo writes it last), the repository is checked as at start, then Triton reloads the entry model.
+    A repository that fails the check is reported and the served version stays."""
+
+    def __init__(self, repo: Path):
+        self.repo = repo
+        self.seen = self._stamp()
+
+    def _stamp(self):
+        try:
+            st = (self.repo / "manifest.json").stat()
+            return st.st_mtime_ns, st.st_size, st.st_ino
+        except OSError:
+            return None
+
+    def poll(self, server: TritonServer) -> bool:
+        """True when a new version was loaded."""
+        from odmt_t4r.trust import TrustError, clear_bytecode_caches, verify_folder
+        from triton_models.repository import FORMAT
+
+        stamp = self._stamp()
+        if stamp is None or stamp == self.seen:
+            return False
+        self.seen = stamp
+        try:
+            clear_bytecode_caches(self.repo)  # written by the running stubs; a planted one would bypass the check
+            manifest = verify_folder(self.repo, FORMAT, "model repository (from odmt export)", strict=True)
+        except TrustError as exc:
+            print(f"odmt serve: the repository changed but fails its check; still serving the loaded version: {exc}",
+                  file=sys.stderr, flush=True)
+            return False
+        t0 = time.perf_counter()
+        try:
+            server.load(manifest.get("entry_model", "executor_model"))
+        except Exception as exc:  # noqa: BLE001 - Triton keeps the old version when a load fails
+            print(f"odmt serve: loading version {manifest.get('version')} failed, still serving the previous one: "
+                  f"{exc}", file=sys.stderr, flush=True)
+            return False
+        print(f"odmt serve: now serving version {manifest.get('version')} ({manifest.get('n_items', '?'):,} items, "
+              f"run {manifest.get('run')}), loaded in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+        return True
 
 
 def main(argv: list[str] | None = None) -> int:

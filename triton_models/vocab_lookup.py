@@ -125,6 +125,16 @@ class VocabularyLookup(BaseOperator):
             start, end = 0, _SLICE_END_OPEN
         return cls(column, values.tolist(), start, end, workflow.output_schema[column], first_index=first)
 
+    def extended(self, added: Sequence[str]) -> "VocabularyLookup":
+        """This lookup with `added` IDs (odmt add-items) labelled after the vocabulary, in order."""
+        if not len(added):
+            return self
+        clash = set(added) & set(self.vocabulary.tolist())
+        if clash:
+            raise ValueError(f"{len(clash)} added item IDs are already in the vocabulary, e.g. {sorted(clash)[:3]}")
+        return type(self)(self.column, [*self.vocabulary.tolist(), *added], self.start, self.end,
+                          self.output_column_schema, first_index=self.first_index)
+
     # -- the lookup ------------------------------------------------------------------------------
     def _lookup_table(self) -> dict:
         if self._table is None:

@@ -42,6 +42,7 @@ class _ItemTower(nn.Module):
     modalities: list[str]
     content: list[str]
     store: ModalityStore | None
+    tokens_read: int | None = None  # tokens per modality the tower reads from the store (None = all)
 
     @torch.no_grad()
     def init_id_from_content(self, chunk: int = 4096) -> None:
@@ -51,10 +52,21 @@ class _ItemTower(nn.Module):
         n = self.id_embedding.num_embeddings
         for start in range(RESERVED_ROWS, n, chunk):
             idx = torch.arange(start, min(n, start + chunk), device=self.id_embedding.weight.device)
-            feats = self.store.lookup(idx, n_tokens=1)
-            cls = [self.proj[m](feats[m][:, 0].to(idx.device)) for m in self.content]  # each [U D]
-            self.id_embedding.weight[idx] = torch.stack(cls).mean(0)
+            feats = {k: v.to(idx.device) for k, v in self.store.lookup(idx, n_tokens=1).items()}
+            self.id_embedding.weight[idx] = self.content_id_vectors(feats)
         self.id_embedding.weight[:RESERVED_ROWS] = 0.0
+
+    @torch.no_grad()
+    def content_id_vectors(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The content init of ID vectors, [U D], from looked-up features (their CLS tokens)."""
+        return torch.stack([self.proj[m](feats[m][:, 0]) for m in self.content]).mean(0)
+
+    def forward(self, item_idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """item_idx [U] -> {modality: [U D]}, content features read from the ModalityStore."""
+        if self.content and self.store is None:
+            raise RuntimeError("this item tower has no ModalityStore attached (load the model with its data)")
+        feats = self.store.lookup(item_idx, n_tokens=self.tokens_read) if self.content else {}
+        return self.encode_features(item_idx, {k: v.to(item_idx.device) for k, v in feats.items()})
 
 
 class IdAwareMultiModalTransformer(_ItemTower):
@@ -118,12 +130,8 @@ class IdAwareMultiModalTransformer(_ItemTower):
             out["id"] = h[:, -1]
         return out
 
-    def forward(self, item_idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        """item_idx [U] -> {modality: [U D]}."""
-        if self.content and self.store is None:
-            raise RuntimeError("this item tower has no ModalityStore attached (load the model with its data)")
-        device = item_idx.device
-        feats = {k: v.to(device) for k, v in self.store.lookup(item_idx).items()} if self.content else {}
+    def encode_features(self, item_idx: torch.Tensor, feats: dict) -> dict[str, torch.Tensor]:
+        """item_idx [U] and their looked-up content features -> {modality: [U D]}."""
         if "text" not in self.content:
             return self._encode(item_idx, feats, 0)
         lengths = text_extent(feats["text_mask"])  # [U]
@@ -158,15 +166,11 @@ class IndependentItemTower(_ItemTower):
             nn.init.xavier_normal_(self.id_embedding.weight)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, item_idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        """item_idx [U] -> {modality: [U D]}."""
-        out = {}
-        if self.content:
-            if self.store is None:
-                raise RuntimeError("this item tower has no ModalityStore attached (load the model with its data)")
-            feats = self.store.lookup(item_idx, n_tokens=1)  # only the CLS tokens
-            for m in self.content:
-                out[m] = self.dropout(self.proj[m](feats[m][:, 0].to(item_idx.device)))  # CLS -> [U D]
+    tokens_read = 1  # only the CLS tokens
+
+    def encode_features(self, item_idx: torch.Tensor, feats: dict) -> dict[str, torch.Tensor]:
+        """item_idx [U] and their looked-up content features -> {modality: [U D]}."""
+        out = {m: self.dropout(self.proj[m](feats[m][:, 0])) for m in self.content}  # CLS -> [U D]
         if "id" in self.modalities:
             out["id"] = self.dropout(self.id_embedding(item_idx))
         return out

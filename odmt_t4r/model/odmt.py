@@ -31,6 +31,7 @@ from .item_tower import ITEM_TOWERS, RESERVED_ROWS, ItemTowerConfig
 from .modality_store import ModalityStore, TokenLayout
 from .peer_distillation import FUSION_SCORES, ID_TEACHERS, KD_MODES, PeerDistillationTask, fuse
 from .prepared import PreparedInfo, read_prepared
+from .retrieval import FusedRetriever, RetrievalConfig
 
 from odmt_t4r.contract import ITEM_LIST, MODEL_FORMAT  # noqa: E402
 # loss="auto": full softmax up to this many items; above it the in-batch sampled softmax of the official
@@ -188,6 +189,8 @@ class OdmtRecommender(nn.Module):
         self.popularity_weight = nn.Parameter(torch.ones(len(c.branch_names))) if c.popularity_prior else None
         self._catalog: dict[str, torch.Tensor] | None = None  # eval-time cache of every item's vectors
         self._frozen_catalog = False  # True when loaded without features: the cache is all we have
+        self.retrieval = RetrievalConfig()  # how recommend() searches the catalog (retrieval.py)
+        self._retriever: FusedRetriever | None = None  # built from the eval catalog on first use
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -252,7 +255,10 @@ class OdmtRecommender(nn.Module):
     # ------------------------------------------------------------------ item vectors
     def item_vectors(self, item_idx: torch.Tensor) -> dict[str, torch.Tensor]:
         """item_idx [U] -> {branch: [U D]} tied branch item vectors (tower + branch MLP)."""
-        tower = self.item_tower(item_idx)  # {modality: [U D]}
+        return self._branch_vectors(self.item_tower(item_idx))
+
+    def _branch_vectors(self, tower: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The item tower's {modality: [U D]} -> {branch: [U D]} (the branch MLPs)."""
         if self.config.fusion == "late":
             return {"late": self.branches["late"].item_vectors(torch.cat([tower[m] for m in self.config.modalities], -1))}
         return {b: self.branches[b].item_vectors(tower[b]) for b in self.branches}
@@ -270,7 +276,42 @@ class OdmtRecommender(nn.Module):
             self._catalog = catalog
         return catalog
 
+    @torch.no_grad()
+    def with_added_items(self, feats: dict[str, torch.Tensor], n_new: int, seed: int = 0) -> "OdmtRecommender":
+        """A copy that also indexes `n_new` items, appended from n_index on, scored from their content:
+        `feats` are their looked-up features in this model's token layout (ModalityStore.lookup; {} for an
+        ID-only model). Their ID vectors follow the rule at training start: the content init, or (xavier
+        ID init, SASRec) an untrained random vector. They have no train count, so no popularity prior.
+        The copy scores from its cached catalog (it cannot train: the new items have no stored features)."""
+        if n_new < 1:
+            raise ValueError("no items to add")
+        self.eval()
+        old = self.catalog_vectors()
+        c, tower = self.config, self.item_tower
+        N = c.n_index
+        idx = torch.arange(N, N + n_new)
+        state = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        if "id" in c.modalities:
+            weight = state["item_tower.id_embedding.weight"]
+            if c.id_init == "content" and tower.content:
+                new_id = tower.content_id_vectors(feats)
+            else:  # xavier-normal's scale for the grown [N+M D] table, drawn reproducibly
+                std = (2.0 / (N + n_new + weight.shape[1])) ** 0.5
+                new_id = torch.randn(n_new, weight.shape[1], generator=torch.Generator().manual_seed(seed)) * std
+            state["item_tower.id_embedding.weight"] = torch.cat([weight, new_id.to(weight.dtype)])
+        for name in ("train_count", "log_popularity"):
+            state[name] = torch.cat([state[name], torch.zeros(n_new, dtype=state[name].dtype)])
+        config = OdmtConfig.from_dict({**asdict(c), "n_index": N + n_new})
+        model = type(self)(config)
+        model.load_state_dict(state)
+        model.eval()
+        new = model._branch_vectors(model.item_tower.encode_features(idx, feats))
+        model._catalog = {b: torch.cat([old[b], new[b]]) for b in old}
+        model._frozen_catalog = True
+        return model
+
     def train(self, mode: bool = True):
+        self._retriever = None  # built from the catalog and fusion, which may change now
         if not self._frozen_catalog:
             self._catalog = None  # weights are about to change: drop the eval cache
         elif mode:
@@ -316,23 +357,39 @@ class OdmtRecommender(nn.Module):
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
-    def score(self, history: torch.Tensor) -> dict[str, torch.Tensor]:
-        """history [B S] right-padded item indices -> {branch: [B N], "fused": [B N]} scores for every
-        index row; reserved rows get -inf. Uses the cached catalog in eval mode."""
+    def session_states(self, history: torch.Tensor) -> dict[str, torch.Tensor]:
+        """history [B S] right-padded item indices -> {branch: [B D]} the state after the newest item."""
         history = clip_history(history, self.config.max_length)
         catalog = self.catalog_vectors()
         B = history.shape[0]
         last = ((history > 0).sum(1) - 1).clamp(min=0)  # [B] position of the newest history item
         nonpad = (history > 0).unsqueeze(-1)  # [B L 1]
+        return {b: branch(catalog[b][history] * nonpad)[torch.arange(B), last] for b, branch in self.branches.items()}
+
+    @torch.no_grad()
+    def branch_scores(self, states: dict[str, torch.Tensor], start: int = 0, end: int | None = None) -> dict[str, torch.Tensor]:
+        """{branch: [B D]} states -> {branch: [B n]} raw scores of index rows [start, end) (all if end is None),
+        the popularity prior included; reserved rows get -inf."""
+        catalog = self.catalog_vectors()
+        end = self.config.n_index if end is None else end
         prior = self.popularity_bias()
         scores = {}
-        for b, branch in self.branches.items():
-            h = branch(catalog[b][history] * nonpad)[torch.arange(B), last]  # [B D]
-            s = h @ catalog[b].t()  # [B N]
+        for b, h in states.items():
+            rows = catalog[b] if (start, end) == (0, self.config.n_index) else catalog[b][start:end]
+            s = h @ rows.t()  # [B n]
             if prior is not None:
-                s = s + prior[b]
-            s[:, :RESERVED_ROWS] = float("-inf")
+                s = s + prior[b][start:end]
+            if start < RESERVED_ROWS:
+                s[:, : RESERVED_ROWS - start] = float("-inf")
             scores[b] = s
+        return scores
+
+    @torch.no_grad()
+    def score(self, history: torch.Tensor) -> dict[str, torch.Tensor]:
+        """history [B S] right-padded item indices -> {branch: [B N], "fused": [B N]} scores for every
+        index row; reserved rows get -inf. Uses the cached catalog in eval mode. [B N] each: for large
+        catalogs use `recommend` (blocked or indexed top-k) or training/streaming.py instead."""
+        scores = self.branch_scores(self.session_states(history))
         branch_scores = {b: scores[b] for b in self.branches}
         scores["fused"] = fuse(branch_scores, self.config.fusion_weights, self.config.fusion_scores)
         if self.config.fusion_weights is not None:
@@ -348,15 +405,33 @@ class OdmtRecommender(nn.Module):
         fuse({b: torch.zeros(1, 1) for b in self.branches}, weights, kind)  # validates `kind`
         self.config.fusion_weights = None if weights is None else {b: float(w) for b, w in weights.items()}
         self.config.fusion_scores = kind
+        self._retriever = None  # the query weights changed
 
     @torch.no_grad()
     def recommend(self, history: torch.Tensor, k: int = 10, exclude_history: bool = True,
                   branch: str = "fused") -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k (scores [B k], item indices [B k]) for each history; the history's items excluded."""
+        """Top-k (scores [B k], item indices [B k]) for each history; the history's items excluded.
+        The fused top-k goes through `retriever()` (exact in item blocks, or an HNSW index for a large
+        catalog: retrieval.py), so memory stays bounded and a served model answers the same."""
+        if branch == "fused":
+            return self.retriever().search(history, k, exclude_history)
         s = self.score(history)[branch].clone()
         if exclude_history:
             s.scatter_(1, history.long(), float("-inf"))  # pads hit column 0, which is -inf already
         return torch.topk(s, k=min(k, s.shape[1] - RESERVED_ROWS), dim=-1)
+
+    def retriever(self) -> FusedRetriever:
+        """The fused-score top-k search over the current catalog and fusion (built once, then cached)."""
+        if self.training:
+            raise RuntimeError("recommend needs the model in eval mode (model.eval())")
+        if self._retriever is None:
+            self._retriever = FusedRetriever(self, self.retrieval)
+        return self._retriever
+
+    def set_retrieval(self, config: RetrievalConfig | dict) -> None:
+        """How `recommend` searches (saved by save_pretrained in config.json's "retrieval")."""
+        self.retrieval = RetrievalConfig.from_dict(config) if isinstance(config, dict) else config.validate()
+        self._retriever = None
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, path: str | os.PathLike, extra: dict | None = None) -> Path:
@@ -366,7 +441,8 @@ class OdmtRecommender(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         config_path = path / "config.json"
         existing = json.loads(config_path.read_text()) if config_path.is_file() else {}
-        payload = {"format": MODEL_FORMAT, **existing, **(extra or {}), "model": asdict(self.config)}
+        payload = {"format": MODEL_FORMAT, **existing, "retrieval": self.retrieval.as_dict(), **(extra or {}),
+                   "model": asdict(self.config)}
         atomic_write(config_path, json.dumps(payload, indent=2, default=str) + "\n")
         state = {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}
         atomic_write(path / "model.pt", lambda tmp: torch.save(state, tmp))
@@ -398,6 +474,8 @@ class OdmtRecommender(nn.Module):
         store = None
         if content and features is not None and all((features / f"{m}.npy").is_file() for m in content):
             store = ModalityStore.load(features, content, layout=config.token_layout())
+            if store.n_index != config.n_index:  # items added after training (odmt add-items): saved vectors
+                store = None
         model = cls(config, store)
         state = _load_tensors(path / "model.pt", map_location)
         try:
@@ -409,6 +487,10 @@ class OdmtRecommender(nn.Module):
         if content and store is None:
             catalog = _load_tensors(path / "item_vectors.pt", map_location)
             model._catalog, model._frozen_catalog = catalog, True
+        try:
+            model.set_retrieval(payload.get("retrieval") or {})
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{path / 'config.json'}: bad \"retrieval\" settings ({exc})") from exc
         return model
 
 

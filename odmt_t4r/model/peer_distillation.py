@@ -138,7 +138,7 @@ class PeerDistillationTask(NextItemPredictionTask):
         losses = {b: self.loss(z, targets) for b, z in logits.items()}
         total = sum(losses.values())
         w = self.weight(progress)
-        if self.teachers:
+        if self.teachers and self.kd_weight > 0:  # KD off: skip its softmaxes over every candidate
             kd_logits = logits
             if self.kd_mask_seen and seen is not None:
                 kd_logits = {b: z.masked_fill(seen, MASKED_LOGIT) for b, z in logits.items()}

@@ -4,6 +4,11 @@
 prints the metrics as JSON and writes RUN/metrics-<split>.json:
     {"HR@10", "NDCG@10", "HR@20", "NDCG@20" (fused), "id/HR@10", ... (per branch), "split", "protocol",
      "n_users", "n_target_in_history", "model", "data"}
+
+    odmt evaluate --run RUN --slice cold
+scores the cold-start test rows of a DIR prepared with --cold-items (users whose test target is a held-out
+item) with a RUN that `odmt add-items` gave those items; same protocol and keys, "slice": "cold", written
+to RUN/metrics-test-cold.json.
 """
 
 from __future__ import annotations
@@ -18,10 +23,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from odmt_t4r.contract import COLD_ITEMS, cold_item_ids, last_items, read_cold_test, run_item_ids
 from odmt_t4r.model import OdmtRecommender, history_and_target
 
 from .data import PreparedData
 from .metrics import PROTOCOL, RankingAccumulator
+from .streaming import streaming_update
 
 
 def long_tail_items(data: PreparedData) -> tuple[torch.Tensor, float]:
@@ -52,8 +59,7 @@ def evaluate_model(model: OdmtRecommender, data: PreparedData, split: str = "val
                desc=f"evaluate {split}", disable=not progress, leave=False, file=sys.stderr)
     for batch in bar:
         history, target = history_and_target(batch["items"])
-        scores = {k: v.cpu() for k, v in model.score(history.to(model.log_popularity.device)).items()}
-        acc.update(scores, target, batch.get("seen"), tail=tail_items[target])
+        streaming_update(acc, model, history, target, batch.get("seen"), tail=tail_items[target])  # item blocks
         n += len(target)
     model.train(was_training)
     return {**acc.compute(), "split": split, "protocol": PROTOCOL, "n_users": n,
@@ -62,9 +68,51 @@ def evaluate_model(model: OdmtRecommender, data: PreparedData, split: str = "val
             "fusion": {"weights": model.config.fusion_weights, "scores": model.config.fusion_scores}}
 
 
+@torch.no_grad()
+def evaluate_cold_slice(model: OdmtRecommender, data: PreparedData, run_dir: str | Path, batch_size: int = 512) -> dict:
+    """The cold-start slice: each user whose test target is an item held out by `--cold-items`, scored by
+    `model` (RUN `run_dir`, which must index the held-out items) over every item, the user's earlier
+    items excluded (their history and any earlier held-out item), as in `evaluate_model`."""
+    rows = read_cold_test(data.root)
+    cold_ids = cold_item_ids(data.root)
+    ids = run_item_ids(run_dir, data.root)
+    index = {raw: i for i, raw in enumerate(ids) if raw and i < model.config.n_index}
+    missing = [i for i in cold_ids if i not in index]
+    if missing:
+        raise ValueError(f"{run_dir} does not score {len(missing)} of the {len(cold_ids)} held-out items of {data.root} "
+                         f"(e.g. {missing[0]!r}): add them first with `odmt add-items --run {run_dir} --items "
+                         f"{data.root / COLD_ITEMS}` and evaluate the RUN it writes")
+    was_training = model.training
+    model.eval()
+    acc = RankingAccumulator(n_index=model.config.n_index)
+    for start in range(0, len(rows), batch_size):
+        part = rows.iloc[start:start + batch_size]
+        history = torch.from_numpy(_padded(list(part["history"]), data.max_length))  # [B L], the model's window
+        # excluded: every earlier item, the held-out ones included (the protocol's rule)
+        seen = torch.from_numpy(_padded([np.concatenate([h, np.asarray([index[i] for i in e], dtype=np.int64)])
+                                         for h, e in zip(part["history"], part["earlier_cold_ids"])]))  # [B S]
+        target = torch.tensor([index[t] for t in part["target_id"]], dtype=torch.long)
+        scores = {k: v.cpu() for k, v in model.score(history.to(model.log_popularity.device)).items()}
+        acc.update(scores, target, seen)
+    model.train(was_training)
+    return {**acc.compute(), "split": "test", "slice": "cold", "protocol": PROTOCOL, "n_users": len(rows),
+            "n_target_in_history": acc.n_target_in_history, "cold_items": len(cold_ids),
+            "fusion": {"weights": model.config.fusion_weights, "scores": model.config.fusion_scores}}
+
+
+def _padded(lists: list, width: int | None = None) -> np.ndarray:
+    """Item index lists -> [B W] int64, each list's last W items right-padded (W = the longest if None)."""
+    lengths = np.array([len(x) for x in lists], dtype=np.int64)
+    values = np.concatenate([np.asarray(x, dtype=np.int64) for x in lists]) if lists else np.zeros(0, np.int64)
+    return last_items(values, np.concatenate([[0], np.cumsum(lengths)]), width)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="a RUN folder written by `odmt train`")
     p.add_argument("--split", choices=["valid", "test"], default="test")
+    p.add_argument("--slice", choices=["cold"], default=None,
+                   help="cold: the test users whose target is an item held out by `odmt prepare --cold-items`; "
+                        "RUN must be one `odmt add-items` wrote with DIR/cold/items.csv")
     p.add_argument("--data", default=None, help="the prepared DIR (default: the one the RUN was trained on)")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -88,12 +136,20 @@ def run(args: argparse.Namespace) -> int:
               "(manifest hash differs)", file=sys.stderr)
     torch.set_num_threads(max(1, args.threads))
     t0 = time.perf_counter()
+    if args.slice and args.split != "test":
+        raise ValueError(f"--slice {args.slice} is a slice of the test split, not of '{args.split}'")
     model = OdmtRecommender.from_pretrained(run_dir, data_dir=data_dir)
-    metrics = evaluate_model(model, data, args.split, args.batch_size, progress=not args.no_progress)
+    if args.slice == "cold":
+        metrics = evaluate_cold_slice(model, data, run_dir, args.batch_size)
+    else:
+        metrics = evaluate_model(model, data, args.split, args.batch_size, progress=not args.no_progress)
     metrics.update({"model": model.config.name, "data": str(data.root),
                     "seconds": round(time.perf_counter() - t0, 2)})
-    (run_dir / f"metrics-{args.split}.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    print(scorer_table(metrics, model.branch_names), file=sys.stderr)
+    name = "-".join(filter(None, ["metrics", args.split, args.slice]))
+    (run_dir / f"{name}.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    shown = {**metrics, "split": f"{args.split}, {args.slice} slice", "longtail_rule": "not computed on a slice"} \
+        if args.slice else metrics
+    print(scorer_table(shown, model.branch_names), file=sys.stderr)
     print(json.dumps(metrics, indent=2))
     return 0
 

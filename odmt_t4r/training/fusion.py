@@ -13,17 +13,15 @@ fusion is never below any single branch on validation. The choice is saved in th
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 
 import torch
 
-from odmt_t4r.contract import RESERVED_ROWS
 from odmt_t4r.model import OdmtRecommender, history_and_target
-from odmt_t4r.model.peer_distillation import fuse
 
 from .data import PreparedData
 from .metrics import DEFAULT_KS, hr_ndcg
+from .streaming import ITEM_BLOCK, stream_ranks
 
 SELECT_BY = "NDCG@10"
 
@@ -68,51 +66,25 @@ def fusion_candidates(branches: list[str], step: float = 0.1) -> list[FusionCand
 
 
 @torch.no_grad()
-def branch_scores(model: OdmtRecommender, data: PreparedData, split: str, batch_size: int = 512):
-    """Yields ({branch: [B N] raw scores}, target [B], seen [B S] or None) over `split`."""
+def evaluate_fusions(model: OdmtRecommender, data: PreparedData, split: str = "valid", step: float = 0.1,
+                     batch_size: int = 512, candidates: list[FusionCandidate] | None = None,
+                     block_items: int = ITEM_BLOCK) -> dict:
+    """Metrics of every candidate fusion on `split`: {candidate name: {"candidate", "HR@10", ...}}.
+    Streams over item blocks (streaming.py): memory is batch x block, whatever the catalog size."""
+    branches = model.branch_names
+    candidates = candidates or fusion_candidates(branches, step)
+    scorers = {c: (c.as_dict(), c.scores if c.weights is not None else "raw") for c in candidates}
+    ranks: dict[FusionCandidate, list[torch.Tensor]] = {c: [] for c in candidates}
     was_training = model.training
     model.eval()
     try:
         for batch in data.batches(split, batch_size):
             history, target = history_and_target(batch["items"])
-            scores = model.score(history.to(model.log_popularity.device))
-            yield {b: scores[b].cpu() for b in model.branch_names}, target, batch.get("seen")
+            for c, (r, _, _) in stream_ranks(model, history, target, batch.get("seen"), scorers,
+                                             block_items=block_items).items():
+                ranks[c].append(r)
     finally:
         model.train(was_training)
-
-
-def _ranks(fused: torch.Tensor, target: torch.Tensor, target_excluded: torch.Tensor) -> torch.Tensor:
-    """fused [B N] with excluded items already -inf -> pessimistic 0-based rank of each target [B]."""
-    t = fused[torch.arange(len(target)), target]  # [B]
-    ranks = (fused >= t[:, None]).sum(1).float() - 1.0  # the target itself is not above itself
-    ranks[target_excluded | torch.isinf(t)] = math.inf
-    return ranks
-
-
-@torch.no_grad()
-def evaluate_fusions(model: OdmtRecommender, data: PreparedData, split: str = "valid", step: float = 0.1,
-                     batch_size: int = 512, candidates: list[FusionCandidate] | None = None) -> dict:
-    """Metrics of every candidate fusion on `split`: {candidate name: {"candidate", "HR@10", ...}}."""
-    branches = model.branch_names
-    candidates = candidates or fusion_candidates(branches, step)
-    ranks: dict[FusionCandidate, list[torch.Tensor]] = {c: [] for c in candidates}
-    for raw, target, seen in branch_scores(model, data, split, batch_size):
-        target_excluded = torch.zeros(len(target), dtype=torch.bool)
-        if seen is not None and seen.numel():
-            target_excluded = (seen == target[:, None]).any(1)
-        per_kind = {"raw": raw}
-        if any(c.scores == "log_softmax" for c in candidates):
-            per_kind["log_softmax"] = {b: torch.log_softmax(s, -1) for b, s in raw.items()}
-        for kind, scores in per_kind.items():  # the protocol's exclusion, applied once per branch
-            for b, s in scores.items():
-                s = s.clone()
-                s[:, :RESERVED_ROWS] = -math.inf
-                if seen is not None and seen.numel():
-                    s.scatter_(1, seen.long(), -math.inf)
-                scores[b] = s
-        for c in candidates:
-            fused = fuse(per_kind[c.scores], c.as_dict(), "raw")  # already on the chosen scale
-            ranks[c].append(_ranks(fused, target, target_excluded))
     return {c.name: {"candidate": c, **hr_ndcg(torch.cat(r), DEFAULT_KS)} for c, r in ranks.items()}
 
 

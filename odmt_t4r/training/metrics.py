@@ -60,24 +60,34 @@ class RankingAccumulator:
 
     def update(self, scores: dict[str, torch.Tensor], targets: torch.Tensor, exclude: torch.Tensor | None,
                tail: torch.Tensor | None = None) -> None:
-        """tail [B] bool: the user belongs to the long-tail slice."""
+        """scores {scorer: [B N]} over every index row; tail [B] bool: the user belongs to the long-tail slice.
+        (training/streaming.py's `streaming_update` does the same without the [B N] matrices.)"""
+        self.add_users(targets, exclude, tail)
+        for name, s in scores.items():
+            self.add_ranks(name, target_ranks(s, targets, exclude, self.n_reserved),
+                           self._top(s, exclude) if self.n_index else None)
+
+    def add_users(self, targets: torch.Tensor, exclude: torch.Tensor | None, tail: torch.Tensor | None = None) -> None:
+        """A batch of users: counts targets found in their own history, records the long-tail slice."""
         if exclude is not None and exclude.numel():
             self.n_target_in_history += int((exclude == targets[:, None]).any(1).sum())
         self.tail.append(torch.zeros(len(targets), dtype=torch.bool) if tail is None else tail.bool())
-        for name, s in scores.items():
-            self.ranks.setdefault(name, []).append(target_ranks(s, targets, exclude, self.n_reserved))
-            if self.n_index:
-                self._cover(name, s, exclude)
 
-    def _cover(self, name: str, scores: torch.Tensor, exclude: torch.Tensor | None) -> None:
+    def add_ranks(self, name: str, ranks: torch.Tensor, top: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """The batch's target ranks [B] of one scorer and, for coverage, its (top scores, items) [B k]."""
+        self.ranks.setdefault(name, []).append(ranks)
+        if top is not None and self.n_index:
+            top_s, top_i = top
+            seen = self.recommended.setdefault(name, torch.zeros(self.n_index, dtype=torch.bool))
+            seen[top_i[torch.isfinite(top_s)]] = True
+
+    def _top(self, scores: torch.Tensor, exclude: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         s = scores.float().clone()
         s[:, : self.n_reserved] = float("-inf")
         if exclude is not None and exclude.numel():
             s.scatter_(1, exclude.long(), float("-inf"))
         k = min(self.coverage_k, s.shape[1] - self.n_reserved)
-        top_s, top_i = torch.topk(s, k, dim=1)
-        seen = self.recommended.setdefault(name, torch.zeros(self.n_index, dtype=torch.bool))
-        seen[top_i[torch.isfinite(top_s)]] = True
+        return torch.topk(s, k, dim=1)
 
     def compute(self, fused: str = "fused") -> dict:
         """{"HR@10": .., "NDCG@10": .., ...} for the fused scorer, "<name>/HR@10" for the others;

@@ -1,0 +1,126 @@
+"""Cold-start benchmark (issue 12): items held out of training entirely, added afterwards with
+`odmt add-items`, scored on the test users whose target is one of them.
+
+    .venv/bin/python benchmarks/cold_start.py [--cold-items 0.1] [--models odmt sasrec] [--seeds 0 1 2]
+                                              [--epochs N] [--patience P] [--work benchmarks/work/cold]
+
+Steps: `odmt prepare --source fashion --cold-items F` into WORK/data/fashion-cold<F>; each (model, seed)
+trains there exactly as benchmarks/quality.py trains it (its `one_run`: same presets, budget, early
+stopping on validation, fusion chosen on validation; finished runs are reused, interrupted ones resumed);
+`add_items(RUN, DIR/cold/items.csv)` writes RUN.cold; `evaluate_cold_slice` scores it. Nothing is chosen
+on test. Writes benchmarks/results/cold_start.json (every run, mean/std per model, the goal: fused odmt
+NDCG@10 >= 5x sasrec's on cold targets) and prints a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import quality  # noqa: E402  (the runs are quality.py's: same training, same resume)
+
+RESULTS = Path(__file__).parent / "results" / "cold_start.json"
+GOAL_RATIO = 5.0  # issue 12: odmt NDCG@10 on cold targets >= 5x sasrec's
+
+
+def prepared_cold(fraction: float, work: Path) -> Path:
+    from odmt_t4r.prepare import PrepareConfig, prepare
+
+    out = work / "data" / f"fashion-cold{fraction:g}"
+    if not (out / "manifest.json").is_file():
+        prepare(PrepareConfig(source="fashion", out=str(out), cold_items=fraction))
+    return out
+
+
+def cold_metrics(run: Path, data: Path) -> dict:
+    """The cold slice of RUN after add-items (RUN.cold, written once and then reused)."""
+    from odmt_t4r.catalog_update import add_items
+    from odmt_t4r.contract import ADDED_ITEMS, COLD_ITEMS
+    from odmt_t4r.model import OdmtRecommender
+    from odmt_t4r.training.data import PreparedData
+    from odmt_t4r.training.evaluate import evaluate_cold_slice
+
+    added = run.with_name(run.name + ".cold")
+    done = added / "metrics-test-cold.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    if not (added / ADDED_ITEMS).is_file():
+        add_items(run, data / COLD_ITEMS, out=added)
+    metrics = evaluate_cold_slice(OdmtRecommender.from_pretrained(added), PreparedData(data), added)
+    done.write_text(json.dumps(metrics, indent=2, default=str))
+    return metrics
+
+
+def goal(agg: dict) -> dict:
+    odmt, sas = (agg.get(m, {}).get("NDCG@10", {}).get("mean") for m in ("odmt", "sasrec"))
+    if odmt is None or sas is None:
+        return {}
+    ratio = odmt / sas if sas > 0 else None  # sasrec at exactly 0: no finite ratio
+    return {"goal": f"fashion cold slice: odmt NDCG@10 >= {GOAL_RATIO:g}x sasrec", "odmt": odmt, "sasrec": sas,
+            "ratio": None if ratio is None else round(ratio, 2), "met": odmt > 0 and (ratio is None or ratio >= GOAL_RATIO)}
+
+
+def markdown(agg: dict, n_users: int, n_items: int, fraction: float) -> str:
+    rows = [("fused", ""), ("mean (paper)", "mean/"), ("id branch", "id/"), ("text branch", "text/"), ("image branch", "image/")]
+    lines = [f"**fashion, cold slice** (--cold-items {fraction:g}: {n_items} items held out; {n_users} test users "
+             "whose target is one of them; full ranking, history excluded; mean ± std over seeds)", "",
+             "| model | scorer | HR@10 | NDCG@10 | HR@20 | NDCG@20 | seeds |", "|---|---|---|---|---|---|---|"]
+    for model, row in agg.items():
+        for name, pre in rows:
+            if f"{pre}NDCG@10" not in row:
+                continue
+            cells = [f"{row[pre + k]['mean']:.4f} ± {row[pre + k]['std']:.4f}" for k in quality.METRICS]
+            lines.append(f"| {model} | {name} | " + " | ".join(cells) + f" | {len(row['seeds'])} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cold-items", type=float, default=0.1, help="share of the interacted catalog held out")
+    ap.add_argument("--models", nargs="+", default=["odmt", "sasrec"], choices=[*quality.MODELS, *quality.VARIANTS])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--epochs", type=int, default=None, help="epoch cap (default: TrainConfig's; early stopping ends runs)")
+    ap.add_argument("--patience", type=int, default=None)
+    ap.add_argument("--work", default=str(Path(__file__).parent / "work" / "cold"))
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--train-only", action="store_true", help="prepare and train; no add-items, no cold slice")
+    args = ap.parse_args()
+    import torch
+    torch.set_num_threads(1)  # one core per benchmark job, as in quality.py
+
+    work = Path(args.work)
+    data = prepared_cold(args.cold_items, work)
+    dataset = data.name
+    runs = []
+    for seed in args.seeds:  # seed by seed: a partial benchmark still compares every model
+        for model in args.models:
+            normal = quality._report(quality.one_run(dataset, model, seed, data, work, args.epochs, args.patience))
+            if args.train_only:
+                continue
+            run = Path(normal["run"])
+            cold = cold_metrics(run, data)
+            print(f"  cold slice {model} s{seed}: NDCG@10 {cold['NDCG@10']:.4f} " + " ".join(
+                f"{b} {cold[b + '/NDCG@10']:.4f}" for b in ("id", "text", "image") if f"{b}/NDCG@10" in cold), flush=True)
+            runs.append({**cold, "dataset": dataset, "model": model, "seed": seed, "run": str(run),
+                         "train_seconds": normal["train_seconds"],
+                         "normal_test": {k: normal[k] for k in quality.METRICS}})
+    if args.train_only:
+        return
+    agg = quality.aggregate(runs).get(dataset, {})
+    manifest = json.loads((data / "manifest.json").read_text())
+    n_users, n_items = manifest["cold"]["test_users"], manifest["cold"]["items"]
+    result = {"benchmark": "cold_start", "dataset": "fashion", "cold": manifest["cold"], "epochs_cap": args.epochs,
+              "patience": args.patience, "aggregate": agg, "goal": goal(agg), "runs": runs}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2, default=str))
+    print(markdown(agg, n_users, n_items, args.cold_items))
+    print(json.dumps(result["goal"]))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

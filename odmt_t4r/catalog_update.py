@@ -1,0 +1,177 @@
+"""`odmt add-items`: new catalog items into a trained model, from their content, without retraining.
+
+    odmt add-items --run RUN --items new.csv [--out NEWRUN] [--repo REPO]
+
+new.csv has the catalog format (`item_id`, optional `text`, optional `image`: a path, relative to the CSV).
+The command
+  1. checks the file: IDs new to the RUN, every content modality the model reads present on every row,
+     every image readable (a cold item has nothing but its content, so a gap is an error here);
+  2. computes their frozen features with the prepared DIR's feature settings and encoders (and cache);
+  3. runs the trained item tower on them: text and image vectors from their content, the ID vector from
+     the content-initialised ID embedding, the rule at training start (an ID-only model gets an
+     untrained random ID vector: the floor a cold item has there), then the branch MLPs;
+  4. writes NEWRUN (default `RUN.v2`, `.v3`, ...): a whole RUN whose item matrices and serving vocabulary
+     end with the new items (contract.ADDED_ITEMS), usable by evaluate, export and recommend;
+  5. with --repo, checks the new graph in-process and adds it to the model repository as the next
+     version, which a running `odmt serve` loads without a restart (triton_models/repository.py).
+Any failure before the last step of 5 leaves the repository, and so what is served, as it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from odmt_t4r.contract import ADDED_ITEMS, RESERVED_ROWS, RUN_FORMAT, run_data_dir, run_item_ids
+
+RUN_SIDE_FILES = ("fusion.json",)  # the parent's choices that still describe the new version
+
+
+def read_new_items(path: str | Path, content: list[str], existing: set[str]) -> pd.DataFrame:
+    """The validated new items (item_id, and the `content` columns; image paths resolved)."""
+    from odmt_t4r.data.base import validate_items
+    from odmt_t4r.data.sources import _read_table
+
+    notes: dict = {}
+    items = validate_items(_read_table(path, "csv"), str(path), check_images=True, notes=notes)
+    if notes.get("unreadable_images"):
+        raise ValueError(f"{path}: {notes['unreadable_images']} images cannot be read "
+                         f"(e.g. {notes['unreadable_image_sample'][:3]}); a new item is scored from its content, "
+                         "so fix or remove them")
+    clash = items["item_id"][items["item_id"].isin(existing)]
+    if len(clash):
+        raise ValueError(f"{path}: {len(clash)} item IDs are already in the model (e.g. {clash.head(3).tolist()}); "
+                         "add-items only adds new items")
+    for m in content:
+        if m not in items.columns:
+            raise ValueError(f"{path}: the model reads '{m}' but the file has no '{m}' column")
+        missing = items["item_id"][items[m].isna() | (items[m].astype(str).str.strip() == "")]
+        if len(missing):
+            raise ValueError(f"{path}: {len(missing)} items have no {m} (e.g. {missing.head(3).tolist()}); the "
+                             f"model scores new items from their {'/'.join(content)}")
+    return items[["item_id", *content]]
+
+
+def new_item_features(items: pd.DataFrame, data_dir: Path, layout, work: Path) -> dict:
+    """Their features with the prepared DIR's settings, looked up in the model's token layout."""
+    import torch
+
+    from odmt_t4r.features import FeatureConfig, build_item_features
+    from odmt_t4r.model.modality_store import ModalityStore
+
+    content = [c for c in items.columns if c != "item_id"]
+    recorded = json.loads((data_dir / "features" / "manifest.json").read_text())["config"]
+    fcfg = FeatureConfig(**{**recorded, "modalities": tuple(content)})
+    frame = items.assign(item_idx=np.arange(RESERVED_ROWS, RESERVED_ROWS + len(items), dtype=np.int64))
+    build_item_features(frame, RESERVED_ROWS + len(items), work / "features", fcfg)
+    store = ModalityStore.load(work / "features", content, layout=layout)
+    return store.lookup(torch.arange(RESERVED_ROWS, RESERVED_ROWS + len(items)))
+
+
+def next_run_path(run: Path) -> Path:
+    """RUN.v2, RUN.v3, ...: the first free version next to the RUN (of its base name)."""
+    base = re.sub(r"\.v\d+$", "", run.name)
+    n = 2
+    while (run.parent / f"{base}.v{n}").exists():
+        n += 1
+    return run.parent / f"{base}.v{n}"
+
+
+def add_items(run: str | Path, items_csv: str | Path, out: str | Path | None = None, repo: str | Path | None = None,
+              seed: int = 0, check_sessions: int = 20, log=None) -> dict:
+    """Adds the items of `items_csv` to `run` (see the module docstring); returns a summary."""
+    import torch
+
+    from odmt_t4r.model import OdmtRecommender
+    from odmt_t4r.output_folder import OutputFolder
+    from odmt_t4r.trust import write_manifest
+
+    say = log or (lambda msg: print(f"[add-items] {msg}", file=sys.stderr, flush=True))
+    run = Path(run).resolve()
+    data_dir = run_data_dir(run)
+    model = OdmtRecommender.from_pretrained(run, data_dir=data_dir)
+    ids = run_item_ids(run, data_dir)
+    if len(ids) != model.config.n_index:
+        raise ValueError(f"{run} indexes {model.config.n_index} rows but its catalog lists {len(ids)}")
+    content = [m for m in model.config.modalities if m != "id"]
+    items = read_new_items(items_csv, content, set(ids[RESERVED_ROWS:].tolist()))
+    if repo is not None:
+        repo_manifest = _checked_repo(Path(repo))
+    first = model.config.n_index
+    say(f"{len(items):,} new items for {run.name} ({model.config.name}: {', '.join(model.branch_names)}); "
+        f"indices {first}..{first + len(items) - 1}")
+    with tempfile.TemporaryDirectory(prefix="odmt-add-items-") as tmp:
+        feats = new_item_features(items, data_dir, model.config.token_layout(), Path(tmp)) if content else {}
+        with torch.inference_mode(False):
+            grown = model.with_added_items(feats, len(items), seed=seed)
+    out = Path(out).resolve() if out else next_run_path(run)
+    parent_added = pd.read_parquet(run / ADDED_ITEMS) if (run / ADDED_ITEMS).is_file() else None
+    added = pd.concat([parent_added, items.assign(item_idx=np.arange(first, first + len(items)))], ignore_index=True)
+    config = json.loads((run / "config.json").read_text())
+    with OutputFolder(out, RUN_FORMAT, what="RUN", log=say) as folder:
+        stage = folder.stage
+        (stage / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "model"}))
+        grown.save_pretrained(stage, extra={"parent_run": str(run), "added_items": len(added)})
+        added.to_parquet(stage / ADDED_ITEMS, index=False)
+        for name in RUN_SIDE_FILES:
+            if (run / name).is_file():
+                shutil.copyfile(run / name, stage / name)
+        write_manifest(stage, {"format": RUN_FORMAT, "parent_run": str(run), "added_items": len(added)})
+        folder.commit()
+    say(f"wrote {out} ({grown.config.n_index - RESERVED_ROWS:,} items)")
+    summary = {"run": str(out), "parent_run": str(run), "added": len(items), "n_items": grown.config.n_index - RESERVED_ROWS,
+               "first_index": first}
+    if repo is not None:
+        summary["repo"] = str(Path(repo).resolve())
+        summary["repo_version"] = _add_to_repo(Path(repo), repo_manifest, out, check_sessions, say)
+    return summary
+
+
+def _checked_repo(repo: Path) -> dict:
+    """The repository's manifest, after its full check (what `odmt serve` checks before loading)."""
+    from odmt_t4r.trust import clear_bytecode_caches, verify_folder
+    from triton_models.repository import FORMAT
+
+    if not repo.is_dir():
+        raise FileNotFoundError(f"--repo {repo}: no such model repository (write one with `odmt export`)")
+    clear_bytecode_caches(repo)  # a running server's stubs write them; they are never recorded
+    return verify_folder(repo, FORMAT, "model repository (from odmt export)", strict=True)
+
+
+def _add_to_repo(repo: Path, manifest: dict, run: Path, check_sessions: int, say) -> int:
+    from triton_models.export import checked_ensemble
+    from triton_models.repository import add_version, serving_config
+
+    try:
+        cfg = serving_config(manifest)
+        ensemble, predict, check = checked_ensemble(run, None, cfg, check_sessions, say)
+        return add_version(repo, ensemble, predict, run, check, say)["version"]
+    except Exception as exc:
+        raise type(exc)(f"{exc} (the new RUN {run} is written; {repo} is unchanged and serves what it served)") \
+            if isinstance(exc, (ValueError, OSError)) else exc
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="a trained RUN (or one written by add-items)")
+    p.add_argument("--items", required=True, help="CSV of new items: item_id, text, image (the catalog format)")
+    p.add_argument("--out", default=None, help="the new RUN (default: RUN.v2, .v3, ... next to RUN)")
+    p.add_argument("--repo", default=None, help="also add the new version to this model repository "
+                                                "(a running `odmt serve` on it loads it without a restart)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random ID vectors of an xavier-init model")
+    p.add_argument("--check-sessions", type=int, default=20,
+                   help="test sessions compared in-process with the model before the repository changes")
+
+
+def run(args: argparse.Namespace) -> int:
+    summary = add_items(args.run, args.items, out=args.out, repo=args.repo, seed=args.seed,
+                        check_sessions=args.check_sessions)
+    print(json.dumps(summary, indent=2))
+    return 0

@@ -1,0 +1,190 @@
+"""In-process checks of a served graph, run before anything is written: the ensemble must answer like
+NVTabular's own `Workflow.transform` followed by an independently loaded (eager) copy of the model.
+
+A difference raises `ServingCheckError` (the export or add-items then writes nothing). Items a RUN gained
+through `odmt add-items` are unknown to the workflow's vocabulary: the reference encodes them with the
+RUN's own index (`run_item_ids`), the rule the fast lookup must follow.
+
+Small catalogs: a session may leave fewer than k unseen items (a catalog smaller than k, or a session
+holding every item). The answer then holds what is left, padded with b"" IDs and -inf scores, the
+same in-process (`reference_recommend`, `check_in_process`) and served.
+
+Explanations (the optional `contribution_<branch>` outputs) are checked the same way, against
+`reference_explain`: odmt_t4r/model/explain.py's BranchExplainer on the independent model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from odmt_t4r.contract import ITEM_LIST as INPUT, OOV, SEEN_LIST, catalog_item_ids, read_split, run_item_ids
+
+
+class ServingCheckError(RuntimeError):
+    """The served graph does not answer like the in-process model: nothing is written."""
+
+
+catalog_ids = catalog_item_ids  # index -> raw ID of a prepared DIR (the name the tests and benchmarks use)
+
+
+def example_sessions(data_dir: str | Path, n: int = 100, split: str = "test", seed: int = 0) -> list[list[str]]:
+    """`n` sessions of a split in raw item IDs: each user's whole history before the split's target."""
+    import pandas as pd
+
+    frame = read_split(Path(data_dir) / split, [SEEN_LIST])
+    items = pd.read_parquet(Path(data_dir) / "items.parquet", columns=["item_idx", "item_id"])
+    raw = dict(zip(items["item_idx"].tolist(), items["item_id"].astype(str).tolist()))
+    rng = np.random.default_rng(seed)
+    rows = rng.choice(len(frame), size=min(n, len(frame)), replace=False)
+    return [[raw[int(i)] for i in frame[SEEN_LIST].iloc[r]] for r in sorted(rows)]
+
+
+def reference_encode(workflow, sessions: Sequence[Sequence[str]], item_ids: np.ndarray | None = None,
+                     column: str = INPUT) -> list[np.ndarray]:
+    """NVTabular's `Workflow.transform` of raw sessions (each cut to its last L items), with the IDs it
+    maps to OOV but `item_ids` (index -> raw ID, e.g. `run_item_ids`) indexes replaced by that index."""
+    import pandas as pd
+
+    from triton_models.graph import vocabulary_ids
+
+    encoded = [np.array(v, dtype=np.int64) for v in  # copies: the OOV fix below writes into them
+               workflow.transform(pd.DataFrame({column: [list(s) for s in sessions]}))[column]]
+    known = len(vocabulary_ids(workflow, column))
+    if item_ids is None or len(item_ids) <= known:
+        return encoded
+    added = {str(item): i for i, item in enumerate(item_ids) if i >= known}
+    for codes, session in zip(encoded, sessions):
+        tail = list(session)[len(session) - len(codes):]  # the workflow keeps the session's last L items
+        for j, raw in enumerate(tail):
+            if codes[j] == OOV and raw in added:
+                codes[j] = added[raw]
+    return encoded
+
+
+def reference_recommend(model, workflow, item_ids: np.ndarray, sessions: Sequence[Sequence[str]], k: int,
+                        column: str = INPUT) -> tuple[np.ndarray, np.ndarray]:
+    """What the served graph must answer: NVTabular's own `Workflow.transform` on the raw sessions,
+    then the in-process model's `recommend` on the right-padded [B L] histories (pads 0), mapped to
+    raw IDs with `item_ids` (index -> str, e.g. `run_item_ids`): (str object [B k], scores float32 [B k]).
+    Slots with no candidate left (every item seen, or fewer than k items) hold "" and -inf.
+    Empty sessions are answered by popularity in serving (see predict.py), not by this function."""
+    ids, padded, _, _ = _reference_top_k(model, workflow, item_ids, sessions, k, column)
+    return ids, padded
+
+
+def reference_explain(model, workflow, item_ids: np.ndarray, sessions: Sequence[Sequence[str]], k: int,
+                      column: str = INPUT) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """`reference_recommend`'s answers and what the served `contribution_<branch>` outputs must hold:
+    {branch: float32 [B k]} (odmt_t4r/model/explain.py), 0 in padded slots and for empty sessions."""
+    import torch
+
+    from odmt_t4r.model.explain import BranchExplainer
+
+    ids, padded, hist, idx = _reference_top_k(model, workflow, item_ids, sessions, k, column)
+    explained = np.isfinite(padded) & (hist[:, :1] > 0)
+    safe = np.where(explained, idx, 0)
+    with torch.inference_mode():
+        lifts = BranchExplainer(model).contributions(torch.from_numpy(hist), torch.from_numpy(safe))
+    return ids, padded, {b: np.where(explained, v.numpy(), 0.0).astype(np.float32) for b, v in lifts.items()}
+
+
+def _reference_top_k(model, workflow, item_ids, sessions, k, column):
+    """(raw IDs [B k], scores [B k], histories [B L], item indices [B k]) of `reference_recommend`."""
+    import torch
+
+    encoded = reference_encode(workflow, sessions, item_ids, column)
+    L = model.config.max_length
+    hist = np.zeros((len(encoded), L), dtype=np.int64)
+    for i, v in enumerate(encoded):
+        v = np.asarray(v, dtype=np.int64)[-L:]
+        hist[i, : len(v)] = v
+    with torch.inference_mode():
+        scores, idx = model.recommend(torch.from_numpy(hist), k=k)
+    scores, idx = scores.numpy(), idx.numpy()
+    found = np.isfinite(scores)
+    ids = np.full((len(hist), k), "", dtype=object)
+    padded = np.full((len(hist), k), -np.inf, dtype=np.float32)
+    ids[:, : idx.shape[1]] = np.where(found, np.asarray(item_ids, dtype=object)[idx], "")
+    padded[:, : idx.shape[1]] = np.where(found, scores, -np.inf)
+    full_idx = np.zeros((len(hist), k), dtype=np.int64)
+    full_idx[:, : idx.shape[1]] = idx
+    return ids, padded, hist, full_idx
+
+
+def edge_sessions(vocab: Sequence[str], max_length: int) -> list[list[str]]:
+    """Sessions that exercise the request transform and small catalogs: unknown IDs, empty, long,
+    repeated, odd strings, and the last `max_length` catalog items (every item of a small catalog,
+    so no candidate is left). Works from a one-item vocabulary up."""
+    known = [v for v in vocab if v]
+    pick = lambda i: known[i % len(known)]  # noqa: E731 - small catalogs repeat items
+    long = [pick(i) for i in range(3 * max_length + 1)]
+    return [
+        ["__unknown__"],
+        [pick(0), "__unknown__", pick(1)],
+        [],
+        long,
+        [pick(2)] * 3,
+        ["", " ", pick(0).lower(), pick(0) + " ", "nan", "None", "0"],
+        [known[-1]],
+        ["日本語", pick(3)],
+        known[-max_length:],
+    ]
+
+
+def check_in_process(ensemble, predict, workflow, sessions: Sequence[Sequence[str]], atol: float = 1e-4) -> dict:
+    """Runs the ensemble graph in-process on `sessions` and compares it with `reference_recommend` on
+    an independently loaded (eager) copy of the model, and, for the fast transform, the encoding with
+    `Workflow.transform` on every session. Raises ServingCheckError on any difference."""
+    from merlin.table import TensorTable
+
+    from odmt_t4r.model import OdmtRecommender
+
+    from triton_models.client import encode_sessions
+    from triton_models.graph import graph_chain
+    from triton_models.predict import CONTRIBUTION
+    from triton_models.vocab_lookup import VocabularyLookup
+
+    column = predict.input_column
+    values, offsets = encode_sessions(sessions)
+    values = np.array([v.decode("utf-8") for v in values], dtype=object)  # in-process: str, served: bytes
+    out = ensemble.transform(TensorTable({f"{column}__values": values, f"{column}__offsets": offsets}))
+    got_ids = np.vectorize(lambda b: b.decode("utf-8"), otypes=[object])(out["item_ids"].values)
+    got_scores = out["scores"].values
+    reference = OdmtRecommender.from_pretrained(predict.run_dir, data_dir=predict.data_dir)
+    item_ids = run_item_ids(predict.run_dir, predict.data_dir)
+    want_ids, want_scores, want_lifts = reference_explain(reference, workflow, item_ids, sessions, predict.k, column)
+    nonempty = np.array([len(s) > 0 for s in sessions])
+    mismatched = [i for i in np.flatnonzero(nonempty) if list(got_ids[i]) != list(want_ids[i])]
+    if mismatched:
+        i = mismatched[0]
+        raise ServingCheckError(f"{len(mismatched)} sessions differ from the in-process model, e.g. session {i}: "
+                             f"{got_ids[i][:5].tolist()} vs {want_ids[i][:5].tolist()}")
+    got, want = got_scores[nonempty], want_scores[nonempty]
+    if not np.array_equal(np.isfinite(got), np.isfinite(want)):
+        raise ServingCheckError("the served graph pads other slots (-inf scores) than the in-process model")
+    finite = np.isfinite(want)
+    diff = float(np.max(np.abs(got[finite] - want[finite]))) if finite.any() else 0.0
+    if not diff <= atol:
+        raise ServingCheckError(f"scores differ from the in-process model by up to {diff:.3g} (> {atol})")
+    if set(predict.optional_outputs) != {CONTRIBUTION + b for b in want_lifts}:
+        raise ServingCheckError(f"the graph explains {predict.optional_outputs}, the model's fusion {list(want_lifts)}")
+    lift_diff = max((float(np.max(np.abs(out[CONTRIBUTION + b].values[nonempty] - want[nonempty]), initial=0.0))
+                     for b, want in want_lifts.items()), default=0.0)
+    if not lift_diff <= atol:
+        raise ServingCheckError(f"per-branch contributions differ from the in-process model by up to {lift_diff:.3g}")
+    encode_checked = 0
+    lookups = [n.op for n in graph_chain(ensemble) if isinstance(n.op, VocabularyLookup)]
+    if lookups:
+        expected = reference_encode(workflow, sessions, item_ids, column)
+        codes, new_offsets = lookups[0].encode(values, offsets)
+        for i, want in enumerate(expected):
+            got = codes[new_offsets[i]:new_offsets[i + 1]]
+            if not np.array_equal(got, np.asarray(want, dtype=np.int64)):
+                raise ServingCheckError(f"fast transform != Workflow.transform on session {i}: {got} vs {list(want)}")
+            encode_checked += 1
+    return {"sessions": len(sessions), "max_abs_score_diff": diff, "max_abs_contribution_diff": lift_diff,
+            "encodings_checked": encode_checked,
+            "sequence_encoders": predict.jit_status}

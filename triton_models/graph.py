@@ -1,0 +1,133 @@
+"""The served graph: a RUN and its prepared DIR's inference workflow -> a merlin-systems Ensemble.
+
+    item_id-list (raw IDs)                                          <- request
+      fast:     >> VocabularyLookup(the fitted inference workflow's vocabulary and slice)
+      workflow: >> TransformWorkflow(DIR/workflows/inference)   (a second Triton model, called via BLS)
+      >> OdmtPredict(RUN, k)                                        -> item_ids, scores
+
+`fast` (default) runs the fitted Categorify vocabulary as a dict lookup inside the executor (no pandas,
+no second model); `workflow` runs the saved NVTabular workflow itself. A RUN written by `odmt add-items`
+indexes items the workflow's vocabulary does not know: its graph is the fast lookup with the added IDs
+appended (the workflow transform would map them to OOV, so it is refused).
+
+Wire contract (model `executor_model`; triton_models/client.py speaks it):
+    inputs   item_id-list__values   BYTES  [1, N]    raw item IDs (UTF-8) of all sessions of the request
+             item_id-list__offsets  INT32  [1, B+1]  session b = values[offsets[b]:offsets[b+1]]
+    outputs  item_ids               BYTES  [1, B, K] raw item IDs, best first; b"" pads
+             scores                 FP32   [1, B, K] descending; -inf where the ID is b""
+The leading 1 is the request's batch entry: the executor declares `max_batch_size: 64` so Triton's
+dynamic batcher can merge concurrent requests, and the executor scores all their sessions in one
+graph run. `--max-batch-size 0` keeps merlin's unbatched shapes ([N], [B+1], [B, K]), no batching.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+MODEL_NAME = "executor_model"
+TRANSFORMS = ("fast", "workflow")
+from odmt_t4r.contract import ITEM_LIST as INPUT, run_data_dir, run_item_ids  # noqa: E402
+
+
+@dataclass
+class ServingConfig:
+    k: int = 10
+    transform: str = "fast"
+    max_batch_size: int = 64  # requests the dynamic batcher may merge into one executor call
+    max_queue_delay_us: int = 0  # 0: batch whatever queued while the instance was busy; no added wait
+    instances: int = 1  # CPU instances of the executor (one stub process each)
+    workflow_instances: int = 1  # CPU instances of the NVTabular workflow model (workflow transform)
+    torch_threads: int = 1  # intra-op threads per instance (2 cores: more threads only contend)
+    max_sessions_per_run: int = 256  # sessions of merged requests scored together (memory bound)
+    jit: bool = True  # TorchScript-trace the sequence encoders at load (checked against eager, else eager)
+
+
+def load_inference_workflow(data_dir: Path):
+    """The prepared DIR's fitted inference workflow (a pickle: the DIR is checked against its manifest first)."""
+    import nvtabular as nvt
+
+    from odmt_t4r.prepare import FORMAT as PREPARED_FORMAT
+    from odmt_t4r.trust import verify_folder
+
+    path = Path(data_dir) / "workflows" / "inference"
+    if not (path / "workflow.pkl").is_file():
+        raise FileNotFoundError(f"{path} holds no saved workflow: was {data_dir} made by `odmt prepare`?")
+    verify_folder(data_dir, PREPARED_FORMAT, "prepared folder")
+    return nvt.Workflow.load(str(path))
+
+
+def vocabulary_ids(workflow, column: str = INPUT) -> list[str]:
+    """index -> raw item ID from the fitted Categorify vocabulary ("" for the reserved rows 0-2)."""
+    import pandas as pd
+    from merlin.dag import postorder_iter_nodes
+    from nvtabular.ops import Categorify
+
+    cats = [n.op for n in postorder_iter_nodes(workflow.output_node) if isinstance(n.op, Categorify)]
+    if len(cats) != 1:
+        raise ValueError(f"the inference workflow has {len(cats)} Categorify ops; expected one")
+    cat = cats[0]
+    storage = cat.storage_name.get(column, column)
+    vocab = pd.read_parquet(cat.categories[storage])
+    values = vocab[storage] if storage in vocab else vocab.iloc[:, 0]
+    n = int(vocab.index.max()) + 1 if len(vocab) else 3
+    ids = [""] * n
+    for label, value in zip(vocab.index.tolist(), values.tolist()):
+        ids[int(label)] = str(value)
+    return ids
+
+
+def added_ids(run: str | Path, data_dir: str | Path, vocabulary: list[str]) -> list[str]:
+    """The raw IDs a RUN indexes after the workflow's vocabulary (`odmt add-items`), in index order."""
+    ids = run_item_ids(run, data_dir)
+    if len(ids) < len(vocabulary) or any(str(a) != b for a, b in zip(ids[3:len(vocabulary)], vocabulary[3:])):
+        raise ValueError(f"{run} does not index items like {data_dir}'s inference workflow: was it trained there?")
+    return [str(i) for i in ids[len(vocabulary):]]
+
+
+def build_ensemble(run: str | Path, data_dir: str | Path | None = None, cfg: ServingConfig | None = None):
+    """(Ensemble, its OdmtPredict op, the inference workflow) for a RUN; nothing is written."""
+    from merlin.systems.dag import Ensemble
+    from merlin.systems.dag.ops.workflow import TransformWorkflow
+
+    from triton_models.predict import OdmtPredict
+    from triton_models.vocab_lookup import VocabularyLookup
+
+    cfg = cfg or ServingConfig()
+    if cfg.transform not in TRANSFORMS:
+        raise ValueError(f"transform must be one of {TRANSFORMS}, not {cfg.transform!r}")
+    run = Path(run).resolve()
+    data_dir = run_data_dir(run, data_dir)
+    workflow = load_inference_workflow(data_dir)
+    column = workflow.input_schema.column_names[0]
+    vocabulary = vocabulary_ids(workflow, column)
+    added = added_ids(run, data_dir, vocabulary)
+    if added and cfg.transform != "fast":
+        raise ValueError(f"{run} holds {len(added)} items added after training, which the NVTabular workflow "
+                         "maps to OOV: serve it with the fast transform")
+    predict = OdmtPredict(run, vocabulary + added, k=cfg.k, data_dir=data_dir,
+                          input_column=column, torch_threads=cfg.torch_threads, jit=cfg.jit)
+    if cfg.transform == "fast":
+        encode = VocabularyLookup.from_workflow(workflow, column).extended(added)
+    else:
+        encode = TransformWorkflow(workflow)
+    graph = [column] >> encode >> predict
+    return Ensemble(graph, workflow.input_schema), predict, workflow
+
+
+def graph_chain(ensemble) -> list:
+    from merlin.dag import postorder_iter_nodes
+
+    return [n for n in postorder_iter_nodes(ensemble.graph.output_node) if n.op is not None
+            and type(n.op).__name__ != "SelectionOp"]
+
+
+def wire_contract(cfg: ServingConfig) -> dict:
+    lead = "1, " if cfg.max_batch_size > 0 else ""  # one batch entry per request when Triton batches
+    return {"model": MODEL_NAME, "max_batch_size": cfg.max_batch_size,
+            "inputs": {f"{INPUT}__values": f"BYTES [{lead}N] raw item IDs, UTF-8",
+                       f"{INPUT}__offsets": f"INT32 [{lead}B+1] session b = values[offsets[b]:offsets[b+1]]"},
+            "outputs": {"item_ids": f"BYTES [{lead}B, {cfg.k}] best first, b'' pads",
+                        "scores": f"FP32 [{lead}B, {cfg.k}] descending, -inf where the ID is b''"}}
