@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import warnings
@@ -47,11 +48,22 @@ VARIANTS = {
 from odmt_t4r.anchors import RECBOLE_ML100K  # noqa: E402  (RecBole 1.2.1, same split, re-scored)
 
 
+# a dataset is a source prepared with `odmt prepare`'s defaults, or "SOURCE-L<N>": the same source with
+# histories of N items (--max-length N; RecBole's anchors use 50), to choose the history length on validation
+DATASET_FORM = re.compile(r"^(?P<source>.+?)(?:-L(?P<max_length>\d+))?$")
+
+
+def source_of(dataset: str) -> str:
+    return DATASET_FORM.match(dataset)["source"]
+
+
 def prepared(dataset: str, work: Path) -> Path:
     from odmt_t4r.prepare import PrepareConfig, prepare
     out = work / "data" / dataset
     if not (out / "manifest.json").is_file():
-        prepare(PrepareConfig(source=dataset, out=str(out)))
+        form = DATASET_FORM.match(dataset)
+        extra = {"max_length": int(form["max_length"])} if form["max_length"] else {}
+        prepare(PrepareConfig(source=form["source"], out=str(out), **extra))
     return out
 
 
@@ -163,7 +175,7 @@ def markdown(agg: dict) -> str:
         for m, row in models.items():
             cells = [f"{row[k]['mean']:.4f} ± {row[k]['std']:.4f}" if k in row else "-" for k in cols]
             lines.append(f"| {m} | " + " | ".join(cells) + f" | {len(row['seeds'])} | {row['minutes_per_run']} |")
-        if ds == "ml-100k":
+        if source_of(ds) == "ml-100k":
             for name, vals in RECBOLE_ML100K.items():
                 lines.append(f"| {name} (anchor, 1 seed) | " + " | ".join(f"{vals[k]:.4f}" for k in METRICS)
                              + " |" * len(TABLE_EXTRA) + " | 1 | |")
@@ -189,8 +201,8 @@ def goals(agg: dict) -> dict:
         if odmt is None or sas is None:
             continue
         add(f"{ds}: odmt / our sasrec", round(odmt / sas, 3), ">= 1.10", odmt >= 1.10 * sas)
-        if ds == "ml-100k":
-            add("ml-100k: odmt NDCG@10 vs best RecBole anchor (GRU4Rec 0.1073)", round(odmt, 4),
+        if source_of(ds) == "ml-100k":
+            add(f"{ds}: odmt NDCG@10 vs best RecBole anchor (GRU4Rec 0.1073)", round(odmt, 4),
                 f">= {1.10 * best_recbole:.4f}", odmt >= 1.10 * best_recbole)
         for other in ("late-fusion", "odmt-no-kd" if "odmt-no-kd" in agg[ds] else "odmt"):  # odmt: KD off
             value, sd = ndcg(ds, other)
@@ -201,10 +213,10 @@ def goals(agg: dict) -> dict:
         tail, _ = ndcg(ds, "odmt", "longtail/NDCG@10")
         tail_sas, _ = ndcg(ds, "sasrec", "longtail/NDCG@10")
         cover, _ = ndcg(ds, "odmt", "coverage@10")
-        if ds == "fashion" and tail is not None:
-            add("fashion: long-tail NDCG@10 of odmt", round(tail, 4), ">= 0.02 and >= 1.3x sasrec "
+        if source_of(ds) == "fashion" and tail is not None:
+            add(f"{ds}: long-tail NDCG@10 of odmt", round(tail, 4), ">= 0.02 and >= 1.3x sasrec "
                 f"({tail_sas:.4f})", tail >= 0.02 and tail >= 1.3 * (tail_sas or 0))
-            add("fashion: coverage@10 of odmt", round(cover, 4), ">= 0.25", cover >= 0.25)
+            add(f"{ds}: coverage@10 of odmt", round(cover, 4), ">= 0.25", cover >= 0.25)
     return {"checks": out}
 
 

@@ -418,14 +418,21 @@ def serve_sessions(repo: Path, sessions: list[dict], k: int, server_log: Path) -
             answers = http.recommend(histories, k)
             request_ms = (time.perf_counter() - t) * 1e3
             over_grpc = grpc.recommend(histories, k)
+            # a second request asks which branch drove each answer (a repository exported before them has none)
+            explained = http.explain(histories, k) if http.branches else None
         urls = {"http": server.http_url, "grpc": server.grpc_url}
     if over_grpc != answers:
         raise ValueError("the server's HTTP and gRPC answers differ for the same sessions")
+    if explained is not None and [[e.item_id for e in r] for r in explained] != [[i for i, _ in r] for r in answers]:
+        raise ValueError("the server's explained answers differ from its plain answers for the same sessions")
     out = []
-    for s, recs in zip(sessions, answers):
+    for n, (s, recs) in enumerate(zip(sessions, answers)):
         ids = [i for i, _ in recs]
         out.append({**s, "answers": [[i, float(score)] for i, score in recs],
                     "target_rank": ids.index(s["target"]) + 1 if s["target"] in ids else None})
+        if explained is not None:
+            out[-1]["drove"] = [e.drove for e in explained[n]]
+            out[-1]["contributions"] = [e.contributions for e in explained[n]]
     return {"k": k, "served": True, "max_length": manifest["max_length"], "server": urls, "server_ready_s": round(ready_s, 2),
             "request_ms": round(request_ms, 2), "grpc_same_answers": True, "sessions": out}
 
@@ -495,9 +502,10 @@ def print_served(work: Path, show_history: int = 4) -> None:
             print(f"      {describe(item, text)}")
         print(f"  held-out next item: {describe(s['target'], text)}")
         print(f"  top-{served['k']} (served):")
-        for rank, (item, score) in enumerate(s["answers"], 1):
+        drove = s.get("drove") or [""] * len(s["answers"])  # absent in a WORK served before explanations
+        for rank, ((item, score), branch) in enumerate(zip(s["answers"], drove), 1):
             mark = "  <- the held-out next item" if item == s["target"] else ""
-            print(f"  {rank:>3}. {score:8.3f}  {describe(item, text, 66)}{mark}")
+            print(f"  {rank:>3}. {score:8.3f}  {branch:<6}  {describe(item, text, 66)}{mark}")
 
 
 # -- the command ---------------------------------------------------------------------------------------

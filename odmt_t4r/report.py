@@ -10,7 +10,8 @@ It shows:
   - training curves: each branch's loss, the distillation loss and weight, validation NDCG@10 per epoch;
   - example held-out test sessions as rows of item thumbnails with text, then the top-k: the answers of
     the Triton server when WORK/served.json exists (`odmt run`), else the model's own in-process answers
-    (labelled so); the held-out next item is highlighted where it appears;
+    (labelled so); the held-out next item is highlighted where it appears; each answer names the branch
+    that drove it (odmt_t4r/model/explain.py), served by Triton's optional per-branch outputs or in-process;
   - run facts: data counts, settings, versions, and the time of each stage (from WORK/stages).
 RUN/metrics-test.json is used when present (`odmt evaluate`); otherwise the test split is scored here.
 """
@@ -225,6 +226,7 @@ def in_process_examples(run: RunView, n: int, k: int, seed: int = 0) -> dict:
     import torch
 
     from odmt_t4r.model import OdmtRecommender
+    from odmt_t4r.model.explain import BranchExplainer, driving_branches
     from odmt_t4r.pipeline import held_out_sessions
 
     sessions = held_out_sessions(run.data_dir, n, seed)
@@ -232,22 +234,29 @@ def in_process_examples(run: RunView, n: int, k: int, seed: int = 0) -> dict:
     index = dict(zip(items["item_id"].astype(str), items["item_idx"].tolist()))
     raw = {v: k for k, v in index.items()}
     model = OdmtRecommender.from_pretrained(run.dir, data_dir=run.data_dir)
+    explainer = BranchExplainer(model)
     L = model.config.max_length
     for s in sessions:  # as the server: the latest L items are read, and left out of the answers
         history = torch.tensor([[index[i] for i in s["history"][-L:]]], dtype=torch.long)
         scores, top = model.recommend(history, k=k)
-        s["answers"] = [[raw[int(i)], float(v)] for v, i in zip(scores[0], top[0]) if torch.isfinite(v)]
+        found = torch.isfinite(scores[0])
+        s["answers"] = [[raw[int(i)], float(v)] for v, i in zip(scores[0][found], top[0][found])]
+        lifts = {b: v[0][found].numpy() for b, v in explainer.contributions(history, top).items()}
+        s["drove"] = driving_branches(lifts).tolist()
+        s["contributions"] = [{b: float(v[j]) for b, v in lifts.items()} for j in range(len(s["answers"]))]
         ids = [a[0] for a in s["answers"]]
         s["target_rank"] = ids.index(s["target"]) + 1 if s["target"] in ids else None
     return {"k": k, "served": False, "max_length": L, "sessions": sessions}
 
 
-def _card(item_id: str, catalog: Catalog, label: str = "", classes: str = "") -> str:
+def _card(item_id: str, catalog: Catalog, label: str = "", classes: str = "", drove: str = "",
+          title: str = "") -> str:
     thumb = catalog.thumbnail(item_id)
     img = (f'<img src="data:image/png;base64,{thumb}" alt="{html.escape(item_id)}">' if thumb
            else '<div class="noimg">no photo</div>')
     head = f'<span class="label">{html.escape(label)}</span>' if label else ""
-    return (f'<figure class="item {classes}" data-item="{html.escape(item_id)}">{head}{img}<figcaption>'
+    extra = (f' data-drove="{html.escape(drove)}"' if drove else "") + (f' title="{html.escape(title)}"' if title else "")
+    return (f'<figure class="item {classes}" data-item="{html.escape(item_id)}"{extra}>{head}{img}<figcaption>'
             f'<b>{html.escape(item_id)}</b> {html.escape(catalog.text.get(item_id, ""))}</figcaption></figure>')
 
 
@@ -259,7 +268,10 @@ def sessions_html(examples: dict, catalog: Catalog, show_history: int = 8) -> st
     L = examples.get("max_length", 0)
     parts = [f'<p class="note">{len(examples["sessions"])} held-out test sessions. Top-{examples["k"]}: {source}. '
              f'The model reads each session\'s latest {L} items and leaves them out of its answers; the held-out '
-             'next item is outlined in green.</p>']
+             'next item is outlined in green.'
+             + (' Each answer names the branch that drove it (ID, text or image): the branch whose weighted score '
+                'lifts the item most above an average catalog item; hover an answer for every branch\'s lift.'
+                if any("drove" in s for s in examples["sessions"]) else "") + '</p>']
     for n, s in enumerate(examples["sessions"], 1):
         history = s["history"][-show_history:]
         rank = s.get("target_rank")
@@ -272,9 +284,13 @@ def sessions_html(examples: dict, catalog: Catalog, show_history: int = 8) -> st
 
         cards = "".join(_card(i, catalog) for i in history)
         tag = "served" if served else "in-process"
+        drove = s.get("drove") or [""] * len(s["answers"])  # served before explanations existed: none
+        lifts = s.get("contributions") or [{}] * len(s["answers"])
         answers = "".join(
-            _card(i, catalog, f"#{r} · {score:.2f}", f"answer {tag}" + (" hit" if i == s["target"] else ""))
-            for r, (i, score) in enumerate(s["answers"], 1))
+            _card(i, catalog, f"#{r} · {score:.2f}" + (f" · {d}" if d else ""),
+                  f"answer {tag}" + (" hit" if i == s["target"] else ""), drove=d,
+                  title=", ".join(f"{b} {v:+.2f}" for b, v in lift.items()))
+            for r, ((i, score), d, lift) in enumerate(zip(s["answers"], drove, lifts), 1))
         parts.append(
             f'<section class="session" data-served="{str(bool(served)).lower()}" data-target-rank="{rank or 0}">'
             f'<h3>Session {n}: {len(s["history"])} items{" (latest " + str(len(history)) + ")" if len(history) < len(s["history"]) else ""}; {verdict}</h3>'

@@ -89,6 +89,21 @@ def test_metrics_table_holds_the_runs_numbers(rendered, tiny):
     assert dom.count('data-served="true"') == len(json.loads((tiny.work / "served.json").read_text())["sessions"])
 
 
+def test_each_served_answer_names_the_branch_that_drove_it(rendered, tiny):
+    dom, _ = rendered
+    served = json.loads((tiny.work / "served.json").read_text())
+    branches = set(json.loads((tiny.work / "runs" / "odmt" / "config.json").read_text())["model"]["modalities"])
+    drivers = []
+    for s in served["sessions"]:  # asked of the Triton server's optional per-branch outputs
+        assert len(s["drove"]) == len(s["contributions"]) == len(s["answers"]) > 0
+        for drove, lifts in zip(s["drove"], s["contributions"]):
+            assert set(lifts) <= branches and drove == max(lifts, key=lifts.get)
+        drivers += s["drove"]
+    cards = re.findall(r'<figure class="item answer served[^"]*" data-item="[^"]*" data-drove="([^"]*)"', dom)
+    assert cards == drivers
+    assert "the branch that drove it" in dom
+
+
 def test_a_broken_image_is_counted(tiny, tmp_path):
     page = (tiny.work / "report.html").read_text()
     broken = re.sub(r'src="data:image/png;base64,[^"]{8}', 'src="data:image/png;base64,AAAAAAAA', page, count=1)
@@ -115,6 +130,7 @@ def test_odmt_report_for_a_run_without_served_answers(tiny, tmp_path, capsys):
     assert capsys.readouterr().out.strip() == f"wrote {out.resolve()}"
     page = out.read_text()
     assert page.count('data-served="false"') == 3 and "in-process, not served" in page
+    assert re.findall(r'class="item answer in-process[^"]*" data-item="[^"]*" data-drove="(id|text|image)"', page)
     assert 'id="facts-stages"' not in page
     m = json.loads((run / "metrics-test.json").read_text())
     assert f'data-value="{m["NDCG@10"]!r}"' in page

@@ -80,6 +80,14 @@ def test_cli_recommend(triton_server, protocol, capsys):
     assert [float(s) for _, _, s in rows] == pytest.approx([1.0, 0.9, 0.8, 0.7])
 
 
+def test_cli_explain_refuses_a_model_without_per_branch_outputs(triton_server, capsys):
+    from odmt_t4r.cli import main
+
+    rc = main(["recommend", "--url", triton_server.http_url, "--items", "a", "--explain"])
+    assert rc == 2
+    assert "serves no per-branch outputs: export the RUN again" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_cli_unreachable_server(protocol, capsys):
     from odmt_t4r.cli import main

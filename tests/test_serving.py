@@ -12,7 +12,7 @@ import pytest
 
 from tests.triton_fixtures import triton_available
 from triton_models.client import RecommenderClient, encode_sessions
-from triton_models.checks import catalog_ids, example_sessions, reference_recommend
+from triton_models.checks import catalog_ids, example_sessions, reference_explain, reference_recommend
 from triton_models.export import ServingConfig, export
 from triton_models.graph import load_inference_workflow
 
@@ -58,6 +58,17 @@ def reference(run_dir, data_dir):
     workflow = load_inference_workflow(data_dir)
     ids = catalog_ids(data_dir)
     return lambda sessions: reference_recommend(model, workflow, ids, sessions, K)
+
+
+@pytest.fixture(scope="module")
+def reference_explained(run_dir, data_dir):
+    """The in-process explanations: reference answers plus odmt_t4r/model/explain.py's contributions."""
+    from odmt_t4r.model import OdmtRecommender
+
+    model = OdmtRecommender.from_pretrained(run_dir, data_dir=data_dir)
+    workflow = load_inference_workflow(data_dir)
+    ids = catalog_ids(data_dir)
+    return lambda sessions: reference_explain(model, workflow, ids, sessions, K)
 
 
 @pytest.fixture(scope="module")
@@ -189,6 +200,115 @@ def test_a_small_catalog_serves_what_is_left_padded_as_in_process(tmp_path_facto
     assert served_ids.shape == served_scores.shape == (len(sessions), K)
     assert [[i.decode() for i in row] for row in served_ids] == want_ids.tolist()  # b"" pads the same slots
     assert np.array_equal(np.isneginf(served_scores), np.isneginf(want_scores))
+
+
+# -- per-branch explanations -----------------------------------------------------------------------
+
+BRANCHES = ["id", "text", "image"]
+CONTRIBUTIONS = [f"contribution_{b}" for b in BRANCHES]
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_served_explanations_equal_the_in_process_explainer(fast_server, sessions, reference_explained, protocol):
+    from odmt_t4r.model.explain import driving_branches
+
+    few = sessions[:40]
+    with RecommenderClient(url(fast_server, protocol), protocol) as client:
+        assert client.branches == BRANCHES
+        explained = client.explain(few + [[]], K)
+    want_ids, want_scores, want_lifts = reference_explained(few)
+    assert list(want_lifts) == BRANCHES
+    want_drove = driving_branches(want_lifts)
+    stacked = np.sort(np.stack([want_lifts[b] for b in BRANCHES]), axis=0)
+    clear = stacked[-1] - stacked[-2] > 10 * ATOL  # rounding cannot flip these
+    assert clear.mean() > 0.9
+    for i, row in enumerate(explained[:-1]):
+        assert [e.item_id for e in row] == list(want_ids[i]), f"session {i}"
+        np.testing.assert_allclose([e.score for e in row], want_scores[i], atol=ATOL, rtol=0)
+        for b in BRANCHES:
+            np.testing.assert_allclose([e.contributions[b] for e in row], want_lifts[b][i], atol=ATOL, rtol=0,
+                                       err_msg=f"session {i} branch {b}")
+        assert [e.drove for e, c in zip(row, clear[i]) if c] == [d for d, c in zip(want_drove[i], clear[i]) if c]
+    empty = explained[-1]  # answered by popularity: no branch state, so no branch drove it
+    assert len(empty) == K and {e.drove for e in empty} == {"popularity"}
+    assert all(v == 0 for e in empty for v in e.contributions.values())
+
+
+def test_a_request_that_does_not_ask_for_explanations_gets_only_todays_outputs(fast_server, sessions):
+    import tritonclient.grpc as grpcclient
+
+    values, offsets = encode_sessions(sessions[:20])
+    client = grpcclient.InferenceServerClient(fast_server.grpc_url)
+    try:
+        inputs = []
+        for name, array, datatype in [(VALUES, values[None], "BYTES"), (OFFSETS, offsets[None], "INT32")]:
+            inputs.append(grpcclient.InferInput(name, list(array.shape), datatype))
+            inputs[-1].set_data_from_numpy(array)
+        asked = lambda names: client.infer("executor_model", inputs,  # noqa: E731
+                                           outputs=[grpcclient.InferRequestedOutput(n) for n in names])
+        plain = asked(["item_ids", "scores"])
+        full = asked(["item_ids", "scores", *CONTRIBUTIONS])
+        everything = client.infer("executor_model", inputs)  # no outputs named: Triton sends them all
+    finally:
+        client.close()
+    assert [o.name for o in plain.get_response().outputs] == ["item_ids", "scores"]
+    assert {o.name for o in full.get_response().outputs} == {"item_ids", "scores", *CONTRIBUTIONS}
+    assert {o.name for o in everything.get_response().outputs} == {"item_ids", "scores", *CONTRIBUTIONS}
+    for name in ("item_ids", "scores"):
+        assert np.array_equal(plain.as_numpy(name), full.as_numpy(name))
+    assert full.as_numpy("contribution_text").shape == (1, 20, K)
+    assert np.array_equal(full.as_numpy("contribution_id"), everything.as_numpy("contribution_id"))
+
+
+def test_concurrent_asking_and_plain_requests_each_get_what_they_asked(fast_server, sessions):
+    with RecommenderClient(fast_server.http_url) as client:
+        single = client.explain(sessions[:16], K)
+    answers, errors = {}, []
+
+    def loop(c):
+        with RecommenderClient(url(fast_server, "grpc" if c % 2 else "http"), "grpc" if c % 2 else "http") as client:
+            for j in range(30):
+                i = (c * 30 + j) % 16
+                try:
+                    answers[c, j] = client.explain([sessions[i]], K)[0] if (c + j) % 2 else \
+                        client.recommend([sessions[i]], K)[0]
+                except Exception as exc:  # noqa: BLE001 - asserted below
+                    errors.append(repr(exc))
+
+    threads = [threading.Thread(target=loop, args=(c,)) for c in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(answers) == 120
+    for (c, j), got in answers.items():
+        want = single[(c * 30 + j) % 16]
+        if (c + j) % 2:
+            assert [e.item_id for e in got] == [e.item_id for e in want]
+            for e, w in zip(got, want):
+                assert e.contributions == pytest.approx(w.contributions, abs=ATOL)
+        else:
+            assert [i for i, _ in got] == [e.item_id for e in want]
+
+
+def test_cli_recommend_explain_names_the_branch_that_drove_each_item(fast_server, sessions, capsys):
+    import json
+
+    from odmt_t4r.cli import main
+
+    args = ["recommend", "--url", fast_server.http_url, "--items-json", json.dumps(sessions[0]), "--k", "5", "--explain"]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split() == ["rank", "item_id", "score", "drove", *BRANCHES]
+    rows = [line.split() for line in lines[1:6]]
+    for row in rows:
+        lifts = dict(zip(BRANCHES, map(float, row[4:])))
+        assert row[3] == max(lifts, key=lifts.get)
+    assert lines[6].startswith("drove: ")
+    assert main([*args, "--json"]) == 0
+    explained = json.loads(capsys.readouterr().out)
+    assert [e["item_id"] for e in explained] == [r[1] for r in rows]
+    assert all(set(e["contributions"]) == set(BRANCHES) and e["drove"] in BRANCHES for e in explained)
 
 
 # -- bad requests: clear errors, and the server keeps serving ----------------------------------------

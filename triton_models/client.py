@@ -6,11 +6,16 @@ Wire contract of the served model (default name `executor_model`, as merlin-syst
              item_id-list__offsets  INT32  [B+1]    session b is values[offsets[b]:offsets[b+1]]; offsets[0]=0
     outputs  item_ids               BYTES  [B, K]   raw item IDs, best first; "" marks padding
              scores                 FP32   [B, K]   their scores, descending
+             contribution_<branch>  FP32   [B, K]   optional, one per branch in the fused score: computed
+                                                    only when requested (`explain`, `odmt recommend --explain`)
 
 The exported executor model uses `max_batch_size: 64` with dynamic batching, so tensors carry a leading batch dimension of 1; `--max-batch-size 0` exports merlin's unbatched shapes, which this client handles too. If a
 model declares `max_batch_size > 0`, the client sends the request as one batch entry ([1, N] and
 [1, B+1]) and reads outputs of any shape that holds B*K entries. K is fixed by the model; `k`
 truncates to it (asking for more than K returns K).
+
+`--explain` asks for the contributions too and names the branch that drove each recommendation: the one
+whose weighted score lifts the item most above an average catalog item (odmt_t4r/model/explain.py).
 """
 
 from __future__ import annotations
@@ -20,10 +25,28 @@ import json
 import sys
 from typing import Sequence
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from odmt_t4r.contract import ITEM_LIST as INPUT  # noqa: E402
 OUTPUTS = ("item_ids", "scores")
+CONTRIBUTION = "contribution_"  # + branch name (triton_models/predict.py)
+POPULARITY = "popularity"  # odmt_t4r.model.explain.POPULARITY, kept here so the client needs no torch
+
+
+@dataclass
+class Explained:
+    """One recommended item with its per-branch contributions and the branch that drove it."""
+
+    item_id: str
+    score: float
+    contributions: dict[str, float]  # {branch: weighted lift over an average catalog item}
+    drove: str  # the branch with the largest contribution; "popularity" for an empty session
+
+    def as_json(self) -> dict:
+        return {"item_id": self.item_id, "score": self.score, "drove": self.drove,
+                "contributions": self.contributions}
 
 
 def encode_sessions(sessions: Sequence[Sequence[str]]) -> tuple[np.ndarray, np.ndarray]:
@@ -54,6 +77,7 @@ class RecommenderClient:
         self.protocol, self.model_name, self.timeout = protocol, model_name, timeout
         self.input_name, self.outputs = input_name, outputs
         self._max_batch_size: int | None = None
+        self._branches: list[str] | None = None
         if protocol == "http":
             import tritonclient.http as tc
 
@@ -90,25 +114,60 @@ class RecommenderClient:
             tensor.set_data_from_numpy(array)
         return tensor
 
-    def _requested(self):
-        if self.protocol == "http":
-            return [self._tc.InferRequestedOutput(name, binary_data=True) for name in self.outputs]
-        return [self._tc.InferRequestedOutput(name) for name in self.outputs]
+    @property
+    def branches(self) -> list[str]:
+        """The branches the served model explains (its `contribution_<branch>` outputs), in model order."""
+        if self._branches is None:
+            extra = {"as_json": True, **self._kw()} if self.protocol == "grpc" else {}
+            metadata = self._client.get_model_metadata(self.model_name, **extra)
+            names = [o["name"] for o in metadata.get("outputs", [])]
+            self._branches = [n[len(CONTRIBUTION):] for n in names if n.startswith(CONTRIBUTION)]
+        return self._branches
 
-    def recommend(self, sessions: Sequence[Sequence[str]], k: int = 10) -> list[list[tuple[str, float]]]:
-        """Top-k (item_id, score) per session, best first; sessions and results are raw item IDs."""
+    def _requested(self, names: Sequence[str]):
+        if self.protocol == "http":
+            return [self._tc.InferRequestedOutput(name, binary_data=True) for name in names]
+        return [self._tc.InferRequestedOutput(name) for name in names]
+
+    def _infer(self, sessions: Sequence[Sequence[str]], k: int, names: Sequence[str]) -> list[np.ndarray] | None:
         if k < 1:
             raise ValueError("k must be >= 1")
         if isinstance(sessions, str) or any(isinstance(s, str) for s in sessions):
             raise TypeError("sessions must be a list of lists of item IDs")
         if not sessions:
-            return []
+            return None
         values, offsets = encode_sessions(sessions)
         inputs = [self._input(f"{self.input_name}__values", values, "BYTES"),
                   self._input(f"{self.input_name}__offsets", offsets, "INT32")]
-        result = self._client.infer(self.model_name, inputs, outputs=self._requested(), **self._kw())
-        ids, scores = (result.as_numpy(name) for name in self.outputs)
-        return decode_topk(ids, scores, len(sessions), k)
+        result = self._client.infer(self.model_name, inputs, outputs=self._requested(names), **self._kw())
+        return [result.as_numpy(name) for name in names]
+
+    def recommend(self, sessions: Sequence[Sequence[str]], k: int = 10) -> list[list[tuple[str, float]]]:
+        """Top-k (item_id, score) per session, best first; sessions and results are raw item IDs.
+        Asks for `item_ids` and `scores` only: the server computes no explanations for it."""
+        arrays = self._infer(sessions, k, self.outputs)
+        return [] if arrays is None else decode_topk(*arrays, len(sessions), k)
+
+    def explain(self, sessions: Sequence[Sequence[str]], k: int = 10) -> list[list[Explained]]:
+        """`recommend`'s answers with each item's per-branch contributions and the branch that drove it."""
+        branches = self.branches
+        if not branches:
+            raise ValueError(f"model {self.model_name!r} has no per-branch outputs ({CONTRIBUTION}<branch>): "
+                             "export the RUN again with this version of odmt")
+        arrays = self._infer(sessions, k, [*self.outputs, *(CONTRIBUTION + b for b in branches)])
+        if arrays is None:
+            return []
+        B = len(sessions)
+        lifts = [a.reshape(B, -1) for a in arrays[2:]]
+        out = []
+        for row, (session, recs) in enumerate(zip(sessions, decode_topk(arrays[0], arrays[1], B, k))):
+            items = []
+            for j, (item, score) in enumerate(recs):  # padding is at the end: slot j is recs[j]
+                parts = {b: float(v[row, j]) for b, v in zip(branches, lifts)}
+                drove = max(parts, key=parts.get) if session else POPULARITY  # max: the first on ties
+                items.append(Explained(item, score, parts, drove))
+            out.append(items)
+        return out
 
     def close(self) -> None:
         self._client.close()  # frees the keep-alive connection a server shutdown would wait for
@@ -133,13 +192,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--protocol", choices=("http", "grpc"), default="http")
     parser.add_argument("--model", default="executor_model")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
-    parser.add_argument("--json", action="store_true", help="print [[item_id, score], ...] as JSON")
+    parser.add_argument("--json", action="store_true", help="print [[item_id, score], ...] as JSON (with --explain: "
+                                                             "[{item_id, score, drove, contributions}, ...])")
+    parser.add_argument("--explain", action="store_true",
+                        help="also print which branch (id/text/image) drove each recommendation, and each branch's "
+                             "contribution: its weighted score of the item above an average catalog item's")
 
 
 def format_recommendations(recs: list[tuple[str, float]]) -> str:
     width = max([len("item_id")] + [len(i) for i, _ in recs])
     lines = [f"{'rank':>4}  {'item_id':<{width}}  score"]
     lines += [f"{rank:>4}  {item:<{width}}  {score:.4f}" for rank, (item, score) in enumerate(recs, 1)]
+    return "\n".join(lines)
+
+
+def format_explained(recs: list[Explained], branches: list[str]) -> str:
+    width = max([len("item_id")] + [len(r.item_id) for r in recs])
+    drove = max([len("drove")] + [len(r.drove) for r in recs])
+    cols = [max(10, len(b)) for b in branches]
+    head = "  ".join(f"{b:>{c}}" for b, c in zip(branches, cols))
+    lines = [f"{'rank':>4}  {'item_id':<{width}}  {'score':>9}  {'drove':<{drove}}  {head}"]
+    for rank, r in enumerate(recs, 1):
+        parts = "  ".join(f"{r.contributions[b]:>{c}.4f}" for b, c in zip(branches, cols))
+        lines.append(f"{rank:>4}  {r.item_id:<{width}}  {r.score:>9.4f}  {r.drove:<{drove}}  {parts}")
+    lines.append("drove: the branch whose weighted score lifts the item most above an average catalog item; "
+                 "the columns are each branch's lift")
     return "\n".join(lines)
 
 
@@ -174,10 +251,22 @@ def run(args: argparse.Namespace) -> int:
             raise ConnectionError(f"cannot reach a Triton server at {args.url} over {args.protocol}: {exc}") from exc
         if not ready:
             raise ConnectionError(f"model {args.model!r} is not ready on {args.url}")
+        if args.explain:
+            try:
+                branches = client.branches
+            except Exception as exc:
+                raise ValueError(f"cannot read model {args.model!r}'s outputs: {exc}") from exc
+            if not branches:
+                raise ValueError(f"model {args.model!r} on {args.url} serves no per-branch outputs: export the RUN "
+                                 "again with this version of odmt to use --explain")
         try:
-            recs = client.recommend([items], k=args.k)[0]
+            recs = client.explain([items], k=args.k)[0] if args.explain else client.recommend([items], k=args.k)[0]
         except Exception as exc:
             raise ValueError(f"inference failed: {exc}") from exc
+    if args.explain:
+        print(json.dumps([r.as_json() for r in recs], ensure_ascii=False) if args.json
+              else format_explained(recs, branches))
+        return 0
     recs = [(item, score) for item, score in recs if item != ""]  # padding of a catalog smaller than k
     print(json.dumps(recs, ensure_ascii=False) if args.json else format_recommendations(recs))
     return 0

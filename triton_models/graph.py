@@ -3,7 +3,7 @@
     item_id-list (raw IDs)                                          <- request
       fast:     >> VocabularyLookup(the fitted inference workflow's vocabulary and slice)
       workflow: >> TransformWorkflow(DIR/workflows/inference)   (a second Triton model, called via BLS)
-      >> OdmtPredict(RUN, k)                                        -> item_ids, scores
+      >> OdmtPredict(RUN, k)                                        -> item_ids, scores [, contribution_<branch>]
 
 `fast` (default) runs the fitted Categorify vocabulary as a dict lookup inside the executor (no pandas,
 no second model); `workflow` runs the saved NVTabular workflow itself. A RUN written by `odmt add-items`
@@ -15,6 +15,11 @@ Wire contract (model `executor_model`; triton_models/client.py speaks it):
              item_id-list__offsets  INT32  [1, B+1]  session b = values[offsets[b]:offsets[b+1]]
     outputs  item_ids               BYTES  [1, B, K] raw item IDs, best first; b"" pads
              scores                 FP32   [1, B, K] descending; -inf where the ID is b""
+             contribution_<branch>  FP32   [1, B, K] OPTIONAL, one per branch in the fused score (id, text,
+                                    image): the branch's weighted score of the item above an average catalog
+                                    item's; the largest names the branch that drove it (odmt_t4r/model/explain.py).
+                                    Computed only for runs where a request asks for it; 0 for padding and
+                                    empty sessions. A request naming no outputs gets all of them (Triton's rule).
 The leading 1 is the request's batch entry: the executor declares `max_batch_size: 64` so Triton's
 dynamic batcher can merge concurrent requests, and the executor scores all their sessions in one
 graph run. `--max-batch-size 0` keeps merlin's unbatched shapes ([N], [B+1], [B, K]), no batching.
@@ -130,4 +135,7 @@ def wire_contract(cfg: ServingConfig) -> dict:
             "inputs": {f"{INPUT}__values": f"BYTES [{lead}N] raw item IDs, UTF-8",
                        f"{INPUT}__offsets": f"INT32 [{lead}B+1] session b = values[offsets[b]:offsets[b+1]]"},
             "outputs": {"item_ids": f"BYTES [{lead}B, {cfg.k}] best first, b'' pads",
-                        "scores": f"FP32 [{lead}B, {cfg.k}] descending, -inf where the ID is b''"}}
+                        "scores": f"FP32 [{lead}B, {cfg.k}] descending, -inf where the ID is b''",
+                        "contribution_<branch>": f"FP32 [{lead}B, {cfg.k}] optional, computed only when requested: "
+                                                 "one per branch in the fused score (id/text/image), its weighted "
+                                                 "lift of the item over an average catalog item; the largest drove it"}}

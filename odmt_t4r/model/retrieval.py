@@ -127,9 +127,12 @@ class FusedRetriever:
         from .odmt import clip_history
 
         history = clip_history(history.cpu().long(), self.model.config.max_length)
-        k = min(k, self.n_items)
         q, states = self.queries(history)
-        excluded = history if exclude_history else torch.zeros_like(history[:, :1])
+        return self.top_k(q, states, history if exclude_history else torch.zeros_like(history[:, :1]), k)
+
+    def top_k(self, q: torch.Tensor, states: list[torch.Tensor], excluded: torch.Tensor, k: int):
+        """The search itself, from `queries(history)`; excluded [B S] item indices (0 = pad)."""
+        k = min(k, self.n_items)
         if self._index is not None:
             return self._search_hnsw(q, excluded, k)
         return self._search_exact(q, states, excluded, k)
@@ -244,6 +247,7 @@ def _build_hnsw(items: torch.Tensor, config: RetrievalConfig):
     t0 = time.perf_counter()
     index = faiss.IndexHNSWFlat(xa.shape[1], config.hnsw_m)
     index.hnsw.efConstruction = config.hnsw_ef_construction
+    faiss.omp_set_num_threads(os.cpu_count() or 1)  # a one-off build: every core (searches use the torch budget)
     index.add(xa)
     print(f"[retrieval] built an HNSW index over {len(xa):,} items in {time.perf_counter() - t0:.0f} s",
           file=sys.stderr, flush=True)

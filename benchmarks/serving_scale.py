@@ -1,0 +1,410 @@
+"""Serving at catalog scale: 3,000 to 10^6 items through the real Triton server, exact vs HNSW retrieval.
+
+    .venv/bin/python benchmarks/serving_scale.py [--sizes 3000 10000 100000 1000000] [--requests 300]
+                                                 [--clients 8] [--per-client 100] [--work benchmarks/work/scale]
+
+For each catalog size N it builds (and keeps in --work, for the next run):
+  * a prepared DIR (`odmt prepare --source csv`) of N items and 2,000 users with random sessions;
+  * a RUN: an untrained 3-branch odmt model (d_model 64 per branch: the trained size, 192 + 1 prior
+    dims fused) whose item vectors are synthetic with the shape of trained ones: per branch a Gaussian
+    with a power-law spectrum (90% of the variance in about 7 of 64 dims; the trained fashion runs put
+    90% of their 192-dim variance in 11-22 dims) and a median norm of 1 (as trained). Random sessions make
+    the popularity prior nearly flat, so the ranking rests on the vectors: no easy popular head.
+and measures
+  * in-process search (model.recommend, batch 1, 1 thread): exact blocked scan vs HNSW, p50/p99;
+  * served (export with the RUN's default retrieval, `auto`): p50/p99 at concurrency 1, requests/s at
+    concurrency 8 (gRPC, one session per request, the fast transform), as benchmarks/serving.py does;
+  * recall@10 of the served answers against the exact top-k (history excluded) on --recall-sessions sessions;
+  * at the largest N: peak RSS of full-catalog evaluation (training/streaming.py: the per-epoch fusion grid
+    and evaluate_model on one batch of 512 users; the peak is per batch) in a fresh process.
+Prints a table and writes benchmarks/results/serving_scale.json. The load generator shares the 2 cores
+with the server; the load average is recorded before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.serving import concurrency_1, concurrency_n, load_average, percentiles  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results" / "serving_scale.json"
+GOALS = {"p50_ms": 5.0, "p99_ms": 10.0, "recall_at_10": 0.99, "small_p50_ms": 2.0, "eval_peak_rss_gb": 4.0}
+USERS, SESSION_LENGTH, D_MODEL, BRANCHES = 2_000, 12, 64, ("id", "text", "image")
+EF_SWEEP = (64, 128, 256, 512, 1024)
+
+
+def log(msg: str) -> None:
+    print(f"[scale] {msg}", file=sys.stderr, flush=True)
+
+
+# -- the synthetic catalog ---------------------------------------------------------------------------
+
+def synthetic_dir(work: Path, n_items: int, seed: int = 0) -> Path:
+    """A prepared DIR of `n_items` items (IDs only) and USERS users with uniformly random sessions."""
+    import pandas as pd
+
+    from odmt_t4r.prepare import PrepareConfig, prepare
+
+    out = work / f"data-{n_items}"
+    if (out / "manifest.json").is_file():
+        return out
+    rng = np.random.default_rng(seed)
+    src = work / f"src-{n_items}"
+    src.mkdir(parents=True, exist_ok=True)
+    items = [f"i{j}" for j in range(n_items)]
+    pd.DataFrame({"item_id": items}).to_csv(src / "items.csv", index=False)
+    picks = rng.integers(n_items, size=USERS * SESSION_LENGTH)
+    pd.DataFrame({"user_id": np.repeat(np.arange(USERS), SESSION_LENGTH),
+                  "item_id": [items[p] for p in picks],
+                  "timestamp": np.tile(np.arange(SESSION_LENGTH), USERS)}).to_csv(src / "interactions.csv", index=False)
+    log(f"preparing {out} ({n_items:,} items)")
+    prepare(PrepareConfig(source="csv", interactions=str(src / "interactions.csv"), items=str(src / "items.csv"),
+                          out=str(out)))
+    return out
+
+
+def synthetic_vectors(n_index: int, seed: int = 0, width: int = D_MODEL) -> dict:
+    """{branch: [n_index width]} float32, trained-like: power-law spectrum (variance of the i-th principal
+    direction ~ 1/i^2), a random rotation, median norm 1."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    scale = np.arange(1, width + 1, dtype=np.float64) ** -1.0  # std ~ 1/i
+    out = {}
+    for b in BRANCHES:
+        rotation = np.linalg.qr(rng.standard_normal((width, width)))[0]
+        v = np.empty((n_index, width), dtype=np.float32)
+        for s in range(0, n_index, 262_144):  # in chunks: float64 temporaries stay small
+            z = rng.standard_normal((min(n_index, s + 262_144) - s, width)) * scale
+            v[s:s + len(z)] = z @ rotation.T
+        v /= np.median(np.linalg.norm(v[:100_000], axis=1))
+        out[b] = torch.from_numpy(v)
+    return out
+
+
+def synthetic_run(data: Path, out: Path) -> Path:
+    """An untrained odmt RUN whose catalog is `synthetic_vectors` (saved as its item vectors)."""
+    import pandas as pd
+    import torch
+
+    from odmt_t4r.model import OdmtConfig, OdmtRecommender
+    from odmt_t4r.model.prepared import read_prepared
+
+    if (out / "item_vectors.pt").is_file():
+        return out
+    info = read_prepared(data)
+    torch.manual_seed(0)
+    config = OdmtConfig(name="odmt", n_index=info.n_index, max_length=info.max_length, item_column=info.item_column,
+                        modalities=list(BRANCHES), feature_dims={"text": 384, "image": 1280},
+                        item_tower="independent", d_model=D_MODEL, loss="in_batch")
+    model = OdmtRecommender(config).eval()
+    items = pd.read_parquet(data / "items.parquet", columns=["item_idx", "train_count"])
+    counts = torch.zeros(info.n_index, dtype=torch.float64)
+    counts[torch.from_numpy(items["item_idx"].to_numpy())] = torch.from_numpy(items["train_count"].to_numpy()).double()
+    model.set_popularity(counts)
+    model._catalog, model._frozen_catalog = synthetic_vectors(info.n_index), True  # no features: vectors only
+    model.save_pretrained(out, extra={"data": {"dir": str(data)}, "untrained": True,
+                                      "synthetic_catalog": "benchmarks/serving_scale.py synthetic_vectors"})
+    return out
+
+
+# -- measurements ------------------------------------------------------------------------------------
+
+def encoded_histories(data: Path, sessions: list, max_length: int):
+    import torch
+
+    from odmt_t4r.contract import catalog_item_ids, last_items
+
+    index = {raw: i for i, raw in enumerate(catalog_item_ids(data)) if raw}
+    values = np.array([index[i] for s in sessions for i in s], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum([len(s) for s in sessions])])
+    return torch.from_numpy(last_items(values, offsets, max_length))
+
+
+def in_process(run: Path, data: Path, sessions: list, n: int, k: int, kinds: list[str]) -> dict:
+    """Batch 1, 1 thread, encoders traced as served: the search alone (`FusedRetriever.top_k` on the
+    session's query) per retrieval kind and the whole `model.recommend`; "full" is the [1 N] score matrix
+    + topk that `recommend` ran before retrieval.py (the small-catalog regression check)."""
+    import torch
+
+    from odmt_t4r.model import OdmtRecommender
+    from triton_models.predict import trace_sequence_encoders
+
+    torch.set_num_threads(1)
+    model = OdmtRecommender.from_pretrained(run, data_dir=data)
+    trace_sequence_encoders(model)
+    hist = [h[None] for h in encoded_histories(data, sessions, model.config.max_length)]
+
+    def full_matrix(i):
+        s = model.score(hist[i])["fused"].clone()
+        s.scatter_(1, hist[i], float("-inf"))
+        return torch.topk(s, k, dim=-1)
+
+    def timed(fn) -> dict:
+        """fn(i) on session i: latency percentiles over n calls after 5 warm-up calls."""
+        lat = []
+        with torch.inference_mode():
+            for i in range(5):
+                fn(i)
+            for j in range(n):
+                t = time.perf_counter()
+                fn(j % len(hist))
+                lat.append(time.perf_counter() - t)
+        return {**percentiles(lat), "requests": n}
+
+    out, exact = {}, None
+    for kind in kinds:
+        t0 = time.perf_counter()
+        model.set_retrieval({"index": kind})
+        retriever = model.retriever()
+        load_s = time.perf_counter() - t0
+        with torch.inference_mode():
+            queries = [retriever.queries(h) for h in hist[:n]]
+        search = timed(lambda i: retriever.top_k(*queries[i], hist[i], k))
+        out[kind] = {"search": search, "recommend": timed(lambda i: model.recommend(hist[i], k)), "load_s": round(load_s, 1)}
+        if kind == "exact":
+            exact = [set(retriever.top_k(*queries[i], hist[i], k)[1][0].tolist()) for i in range(n)]
+        elif exact is not None:  # the recall / latency curve the default hnsw_ef_search is chosen from
+            default_ef, out[kind]["ef_sweep"] = retriever.config.hnsw_ef_search, []
+            for ef in EF_SWEEP:
+                retriever.config.hnsw_ef_search = ef
+                found = [set(retriever.top_k(*queries[i], hist[i], k)[1][0].tolist()) for i in range(n)]
+                recall = float(np.mean([len(f & e) / len(e) for f, e in zip(found, exact)]))
+                out[kind]["ef_sweep"].append({"ef_search": ef, "recall_at_10": round(recall, 4),
+                                              "search": timed(lambda i: retriever.top_k(*queries[i], hist[i], k))})
+            retriever.config.hnsw_ef_search = default_ef
+    if "exact" in kinds and model.config.n_index <= 200_000:
+        out["full"] = {"recommend": timed(full_matrix)}
+    return out
+
+
+def exact_top_k(run: Path, data: Path, sessions: list, k: int) -> list[list[str]]:
+    """The exact answers (blocked scan, history excluded) in raw IDs."""
+    import torch
+
+    from odmt_t4r.contract import catalog_item_ids
+    from odmt_t4r.model import OdmtRecommender
+
+    torch.set_num_threads(1)
+    model = OdmtRecommender.from_pretrained(run, data_dir=data)
+    model.set_retrieval({"index": "exact"})
+    ids = catalog_item_ids(data)
+    with torch.inference_mode():
+        scores, idx = model.recommend(encoded_histories(data, sessions, model.config.max_length), k)
+    return [[ids[i] for i, s in zip(row, srow) if np.isfinite(s)] for row, srow in zip(idx.tolist(), scores.tolist())]
+
+
+def served(run: Path, data: Path, work: Path, sessions: list, args) -> dict:
+    from triton_models.client import RecommenderClient
+    from triton_models.export import ServingConfig, export
+    from triton_models.server import TritonServer
+
+    repo = work / "repo"
+    t0 = time.perf_counter()
+    manifest = export(run, repo, ServingConfig(k=args.k), data_dir=data, check_sessions=20, log=lambda m: None,
+                      force=True)
+    export_s = time.perf_counter() - t0
+    gc.collect()
+    entry = {"export_s": round(export_s, 1), "check": manifest["check"]}
+    t0 = time.perf_counter()
+    with TritonServer(repo, log_file=work / "tritonserver.log", timeout=3600) as server:
+        entry["server_ready_s"] = round(time.perf_counter() - t0, 1)
+        url = server.grpc_url
+        log("  served: concurrency 1")
+        entry["concurrency_1"] = concurrency_1(url, "grpc", sessions, args.requests, args.k)
+        log(f"  served: concurrency {args.clients}")
+        entry[f"concurrency_{args.clients}"] = concurrency_n(url, "grpc", sessions, args.clients, args.per_client, args.k)
+        recall_sessions = sessions[: args.recall_sessions]
+        with RecommenderClient(url, "grpc") as client:
+            answers = [[i for i, _ in a] for c in range(0, len(recall_sessions), 50)
+                       for a in client.recommend(recall_sessions[c:c + 50], args.k)]
+    exact = exact_top_k(run, data, recall_sessions, args.k)
+    hits = [len(set(a) & set(e)) / max(1, len(e)) for a, e in zip(answers, exact)]
+    entry["recall_at_10"] = round(float(np.mean(hits)), 4)
+    entry["recall_sessions"] = len(hits)
+    entry["sessions_with_every_item_found"] = int(sum(h == 1.0 for h in hits))
+    return entry
+
+
+def eval_peak_rss(run: Path, data: Path) -> dict:
+    """Full-catalog evaluation (the per-epoch fusion grid + evaluate_model) on one batch, in a fresh process."""
+    cmd = [sys.executable, __file__, "--eval-rss", str(run), str(data)]
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"evaluation subprocess failed: {done.stderr[-2000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["process_peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2)
+    result["wall_s"] = round(time.perf_counter() - t0, 1)
+    return result
+
+
+def _eval_rss_child(run: str, data: str) -> None:
+    import torch
+
+    from odmt_t4r.model import OdmtRecommender
+    from odmt_t4r.training.data import PreparedData
+    from odmt_t4r.training.evaluate import evaluate_model
+    from odmt_t4r.training.fusion import evaluate_fusions
+    from odmt_t4r.training.train import TrainConfig
+
+    class OneBatch:  # the peak is per batch: one batch of 512 users measures it
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def batches(self, split, batch_size, **kw):
+            yield next(iter(self.inner.batches(split, batch_size, **kw)))
+
+        def num_batches(self, split, batch_size):
+            return 1
+
+    torch.set_num_threads(1)
+    model = OdmtRecommender.from_pretrained(run, data_dir=data)
+    data_ = OneBatch(PreparedData(data))
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    t0 = time.perf_counter()
+    grid = evaluate_fusions(model, data_, "valid", step=TrainConfig().epoch_fusion_step, batch_size=512)
+    t1 = time.perf_counter()
+    evaluate_model(model, data_, "valid", batch_size=512)
+    t2 = time.perf_counter()
+    print(json.dumps({"model_loaded_rss_gb": round(base, 2), "fusion_candidates": len(grid),
+                      "fusion_grid_s_per_512_users": round(t1 - t0, 1), "evaluate_s_per_512_users": round(t2 - t1, 1),
+                      "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}))
+
+
+# -- main ----------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.filterwarnings("ignore")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[3_000, 10_000, 100_000, 1_000_000])
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--requests", type=int, default=300, help="requests per concurrency-1 measurement")
+    p.add_argument("--in-process-requests", type=int, default=100)
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--per-client", type=int, default=100)
+    p.add_argument("--recall-sessions", type=int, default=500)
+    p.add_argument("--work", default=str(ROOT / "benchmarks" / "work" / "scale"))
+    p.add_argument("--no-eval-rss", action="store_true", help="skip the evaluation memory measurement")
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--eval-rss", nargs=2, metavar=("RUN", "DIR"), help=argparse.SUPPRESS)  # the child process
+    args = p.parse_args(argv)
+    if args.eval_rss:
+        _eval_rss_child(*args.eval_rss)
+        return 0
+
+    import torch
+
+    from odmt_t4r.model.retrieval import RetrievalConfig
+    from triton_models.export import example_sessions
+
+    work = Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("ODMT_CACHE_DIR", str(work / "cache"))  # the HNSW indexes, reused by later runs
+    result = {"benchmark": "serving_scale", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "load_average_before": load_average()},
+              "model": {"name": "odmt (untrained, synthetic item vectors)", "branches": list(BRANCHES),
+                        "d_model": D_MODEL, "fused_dims": D_MODEL * len(BRANCHES) + 1},
+              "retrieval_defaults": RetrievalConfig().as_dict(), "k": args.k, "sizes": {}}
+    for n in args.sizes:
+        log(f"catalog of {n:,} items")
+        data = synthetic_dir(work, n)
+        run = synthetic_run(data, work / f"run-{n}")
+        sessions = example_sessions(data, 1000, seed=1)
+        kinds = ["exact", "hnsw"] if n >= 10_000 else ["exact"]
+        entry = {"in_process": in_process(run, data, sessions, args.in_process_requests, args.k, kinds)}
+        gc.collect()
+        entry["served"] = served(run, data, work / f"serve-{n}", sessions, args)
+        entry["served"]["retrieval"] = "hnsw" if n > RetrievalConfig().exact_max_items else "exact"
+        if n == max(args.sizes) and not args.no_eval_rss:
+            log("  streaming evaluation: peak RSS")
+            entry["evaluation"] = eval_peak_rss(run, data)
+        result["sizes"][str(n)] = entry
+        log(f"  {one_line(n, entry, args.clients)}")
+    result["machine"]["load_average_after"] = load_average()
+    result["goals"] = goal_check(result, args.clients)
+    print(table(result, args.clients))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def one_line(n: int, e: dict, clients: int) -> str:
+    s, ip = e["served"], e["in_process"]
+    search = "  ".join(f"{k} p50 {v['search']['p50_ms']:.2f} ms" for k, v in ip.items() if "search" in v)
+    return (f"{n:>9,} items | in-process {search} | served ({s['retrieval']}) p50 {s['concurrency_1']['p50_ms']:.2f} "
+            f"p99 {s['concurrency_1']['p99_ms']:.2f} ms, c={clients} {s[f'concurrency_{clients}']['req_per_s']:.0f} req/s, "
+            f"recall@10 {s['recall_at_10']:.4f}")
+
+
+def goal_check(result: dict, clients: int) -> dict:
+    out = {}
+    sizes = result["sizes"]
+
+    def entry(value, goal, higher_is_better=False):
+        return {"value": value, "goal": goal, "met": value >= goal if higher_is_better else value <= goal}
+
+    if "1000000" in sizes:
+        s = sizes["1000000"]["served"]
+        out["1M"] = {"c1_p50_ms": entry(s["concurrency_1"]["p50_ms"], GOALS["p50_ms"]),
+                     "c1_p99_ms": entry(s["concurrency_1"]["p99_ms"], GOALS["p99_ms"]),
+                     "recall_at_10": entry(s["recall_at_10"], GOALS["recall_at_10"], True)}
+        if "evaluation" in sizes["1000000"]:
+            out["1M"]["eval_peak_rss_gb"] = entry(sizes["1000000"]["evaluation"]["process_peak_rss_gb"],
+                                                  GOALS["eval_peak_rss_gb"])
+    if "3000" in sizes:
+        out["3000"] = {"c1_p50_ms": entry(sizes["3000"]["served"]["concurrency_1"]["p50_ms"], GOALS["small_p50_ms"])}
+    return out
+
+
+def table(result: dict, clients: int) -> str:
+    m = result["machine"]
+    lines = [f"serving at scale: {result['model']['name']}, {result['model']['fused_dims']} fused dims, k={result['k']}, "
+             f"{m['cpus']} CPUs, load average {m['load_average_before']} before / {m['load_average_after']} after",
+             "in-process (batch 1, 1 thread, ms p50): search alone (exact / hnsw); recommend as before (full matrix) "
+             "and now (exact)",
+             f"{'items':>9} | {'exact':>9} {'hnsw':>8} | {'full rec':>8} {'rec now':>8} | {'served':>6} {'c=1 p50':>8} {'p99':>7} "
+             f"{'c=' + str(clients) + ' req/s':>10} {'recall@10':>9}"]
+    for n, e in result["sizes"].items():
+        ip, s = e["in_process"], e["served"]
+        hnsw = f"{ip['hnsw']['search']['p50_ms']:8.2f}" if "hnsw" in ip else f"{'-':>8}"
+        full = f"{ip['full']['recommend']['p50_ms']:8.2f}" if "full" in ip else f"{'-':>8}"
+        lines.append(f"{int(n):>9,} | {ip['exact']['search']['p50_ms']:9.2f} {hnsw} | {full} "
+                     f"{ip['exact']['recommend']['p50_ms']:8.2f} | {s['retrieval']:>6} "
+                     f"{s['concurrency_1']['p50_ms']:8.2f} {s['concurrency_1']['p99_ms']:7.2f} "
+                     f"{s[f'concurrency_{clients}']['req_per_s']:10.0f} {s['recall_at_10']:9.4f}")
+        if "ef_sweep" in ip.get("hnsw", {}):
+            lines.append("  hnsw search by ef_search: " + "; ".join(
+                f"{p['ef_search']}: recall@10 {p['recall_at_10']:.4f} p50 {p['search']['p50_ms']:.2f} ms"
+                for p in ip["hnsw"]["ef_sweep"]))
+        if "evaluation" in e:
+            ev = e["evaluation"]
+            lines.append(f"  full-catalog evaluation at {int(n):,} items: peak RSS {ev['process_peak_rss_gb']} GB "
+                         f"({ev['fusion_candidates']} fusion candidates: {ev['fusion_grid_s_per_512_users']} s and "
+                         f"evaluate_model {ev['evaluate_s_per_512_users']} s per 512 users)")
+    for name, goals in result["goals"].items():
+        lines.append(f"goals {name}: " + "; ".join(f"{k} {g['value']} (goal {g['goal']}): {'met' if g['met'] else 'NOT met'}"
+                                                    for k, g in goals.items()))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
