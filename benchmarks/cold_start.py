@@ -7,7 +7,7 @@
 Steps: `odmt prepare --source fashion --cold-items F` into WORK/data/fashion-cold<F>; each (model, seed)
 trains there exactly as benchmarks/quality.py trains it (its `one_run`: same presets, budget, early
 stopping on validation, fusion chosen on validation; finished runs are reused, interrupted ones resumed);
-`add_items(RUN, DIR/cold/items.csv)` writes RUN.cold; `evaluate_cold_slice` scores it. Nothing is chosen
+`add_items(RUN, DIR/cold/items.csv, assumed_count=A)` writes RUN.cold-A; `evaluate_cold_slice` scores it. Nothing is chosen
 on test. Writes benchmarks/results/cold_start.json (every run, mean/std per model, the goal: fused odmt
 NDCG@10 >= 5x sasrec's on cold targets) and prints a markdown table.
 """
@@ -55,25 +55,46 @@ class AmongHeldOut(torch.nn.Module):
         return scores
 
 
-def cold_metrics(run: Path, data: Path) -> dict:
-    """The cold slice of RUN after add-items (RUN.cold, written once and then reused), plus the same
-    slice ranked among the held-out items only (`held_out_only/...`)."""
+class WithoutPrior(AmongHeldOut):
+    """`model` with its learned popularity prior taken out of every branch score (and the fusions
+    recomputed): added items have no train count, so the prior ranks every trained item above them."""
+
+    def __init__(self, model):
+        super().__init__(model, 0)
+
+    def score(self, history):
+        from odmt_t4r.model.peer_distillation import fuse
+
+        scores, prior = self.model.score(history), self.model.popularity_bias()
+        branches = {b: scores[b] - (prior[b] if prior else 0.0) for b in self.model.branch_names}
+        out = {**branches, "fused": fuse(branches, self.config.fusion_weights, self.config.fusion_scores)}
+        if "mean" in scores:
+            out["mean"] = fuse(branches)
+        return out
+
+
+def cold_metrics(run: Path, data: Path, assumed_count: str = "median") -> dict:
+    """The cold slice of RUN after add-items (RUN.cold-<assumed count>, written once and then reused), plus the same
+    slice ranked among the held-out items only (`held_out_only/...`) and without the popularity prior
+    (`no_prior/...`): diagnostics of the full-ranking figures, not settings (nothing is chosen on them)."""
     from odmt_t4r.catalog_update import add_items
     from odmt_t4r.contract import ADDED_ITEMS, COLD_ITEMS
     from odmt_t4r.model import OdmtRecommender
     from odmt_t4r.training.data import PreparedData
     from odmt_t4r.training.evaluate import evaluate_cold_slice
 
-    added = run.with_name(run.name + ".cold")
+    added = run.with_name(f"{run.name}.cold-{assumed_count}")
     done = added / "metrics-test-cold.json"
     if done.is_file():
         return json.loads(done.read_text())
     if not (added / ADDED_ITEMS).is_file():
-        add_items(run, data / COLD_ITEMS, out=added)
+        add_items(run, data / COLD_ITEMS, out=added, assumed_count=assumed_count)
     model, prepared = OdmtRecommender.from_pretrained(added), PreparedData(data)
     metrics = evaluate_cold_slice(model, prepared, added)
     shelf = evaluate_cold_slice(AmongHeldOut(model, prepared.info.n_index), prepared, added)
     metrics.update({f"held_out_only/{k}": v for k, v in shelf.items() if "@" in k and "coverage" not in k})
+    unbiased = evaluate_cold_slice(WithoutPrior(model), prepared, added)
+    metrics.update({f"no_prior/{k}": v for k, v in unbiased.items() if "@" in k and "coverage" not in k})
     done.write_text(json.dumps(metrics, indent=2, default=str))
     return metrics
 
@@ -96,13 +117,14 @@ def markdown(agg: dict, n_users: int, n_items: int, fraction: float) -> str:
     rows = [("fused", ""), ("mean (paper)", "mean/"), ("id branch", "id/"), ("text branch", "text/"), ("image branch", "image/")]
     lines = [f"**fashion, cold slice** (--cold-items {fraction:g}: {n_items} items held out; {n_users} test users "
              "whose target is one of them; history excluded; mean ± std over seeds)", "",
-             "| model | scorer | HR@10 | NDCG@10 | HR@20 | NDCG@20 | among held-out only: HR@10 | NDCG@10 | seeds |",
-             "|---" * 9 + "|"]
+             "| model | scorer | HR@10 | NDCG@10 | HR@20 | NDCG@20 | without the prior: NDCG@10 | among held-out only: HR@10 | NDCG@10 | seeds |",
+             "|---" * 10 + "|"]
     for model, row in agg.items():
         for name, pre in rows:
             if f"{pre}NDCG@10" not in row:
                 continue
-            keys = [pre + k for k in quality.METRICS] + [f"held_out_only/{pre}{k}" for k in ("HR@10", "NDCG@10")]
+            keys = [pre + k for k in quality.METRICS] + [f"no_prior/{pre}NDCG@10"] + [
+                f"held_out_only/{pre}{k}" for k in ("HR@10", "NDCG@10")]
             cells = [f"{row[k]['mean']:.4f} ± {row[k]['std']:.4f}" if k in row else "-" for k in keys]
             lines.append(f"| {model} | {name} | " + " | ".join(cells) + f" | {len(row['seeds'])} |")
     return "\n".join(lines)
@@ -117,6 +139,8 @@ def main() -> None:
     ap.add_argument("--patience", type=int, default=None)
     ap.add_argument("--work", default=str(Path(__file__).parent / "work" / "cold"))
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--assumed-count", default="median",
+                    help="odmt add-items --assumed-count: the train count the prior gives the added items")
     ap.add_argument("--train-only", action="store_true", help="prepare and train; no add-items, no cold slice")
     args = ap.parse_args()
     torch.set_num_threads(1)  # one core per benchmark job, as in quality.py
@@ -131,7 +155,7 @@ def main() -> None:
             if args.train_only:
                 continue
             run = Path(normal["run"])
-            cold = cold_metrics(run, data)
+            cold = cold_metrics(run, data, args.assumed_count)
             print(f"  cold slice {model} s{seed}: NDCG@10 {cold['NDCG@10']:.4f} " + " ".join(
                 f"{b} {cold[b + '/NDCG@10']:.4f}" for b in ("id", "text", "image") if f"{b}/NDCG@10" in cold), flush=True)
             runs.append({**cold, "dataset": dataset, "model": model, "seed": seed, "run": str(run),
@@ -143,6 +167,7 @@ def main() -> None:
     manifest = json.loads((data / "manifest.json").read_text())
     n_users, n_items = manifest["cold"]["test_users"], manifest["cold"]["items"]
     result = {"benchmark": "cold_start", "dataset": "fashion", "cold": manifest["cold"], "epochs_cap": args.epochs,
+              "assumed_count": args.assumed_count,
               "patience": args.patience, "aggregate": agg, "goal": goal(agg), "runs": runs}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2, default=str))

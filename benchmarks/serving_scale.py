@@ -13,7 +13,7 @@ For each catalog size N it builds (and keeps in --work, for the next run):
 and measures
   * in-process search (model.recommend, batch 1, 1 thread): exact blocked scan vs HNSW, p50/p99;
   * served (export with the RUN's default retrieval, `auto`): p50/p99 at concurrency 1, requests/s at
-    concurrency 8 (gRPC, one session per request, the fast transform), as benchmarks/serving.py does;
+    concurrency 8 (HTTP and gRPC, one session per request, the fast transform), as benchmarks/serving.py does;
   * recall@10 of the served answers against the exact top-k (history excluded) on --recall-sessions sessions;
   * at the largest N: peak RSS of full-catalog evaluation (training/streaming.py: the per-epoch fusion grid
     and evaluate_model on one batch of 512 users; the peak is per batch) in a fresh process.
@@ -27,7 +27,6 @@ import argparse
 import gc
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -223,13 +222,14 @@ def served(run: Path, data: Path, work: Path, sessions: list, args) -> dict:
     t0 = time.perf_counter()
     with TritonServer(repo, log_file=work / "tritonserver.log", timeout=3600) as server:
         entry["server_ready_s"] = round(time.perf_counter() - t0, 1)
-        url = server.grpc_url
-        log("  served: concurrency 1")
-        entry["concurrency_1"] = concurrency_1(url, "grpc", sessions, args.requests, args.k)
-        log(f"  served: concurrency {args.clients}")
-        entry[f"concurrency_{args.clients}"] = concurrency_n(url, "grpc", sessions, args.clients, args.per_client, args.k)
+        for protocol in args.protocols:
+            url = server.http_url if protocol == "http" else server.grpc_url
+            log(f"  served over {protocol}: concurrency 1, then {args.clients}")
+            entry[protocol] = {"concurrency_1": concurrency_1(url, protocol, sessions, args.requests, args.k),
+                               f"concurrency_{args.clients}": concurrency_n(url, protocol, sessions, args.clients,
+                                                                            args.per_client, args.k)}
         recall_sessions = sessions[: args.recall_sessions]
-        with RecommenderClient(url, "grpc") as client:
+        with RecommenderClient(server.grpc_url, "grpc") as client:
             answers = [[i for i, _ in a] for c in range(0, len(recall_sessions), 50)
                        for a in client.recommend(recall_sessions[c:c + 50], args.k)]
     exact = exact_top_k(run, data, recall_sessions, args.k)
@@ -248,7 +248,6 @@ def eval_peak_rss(run: Path, data: Path) -> dict:
     if done.returncode != 0:
         raise RuntimeError(f"evaluation subprocess failed: {done.stderr[-2000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    result["process_peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2)
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     return result
 
@@ -275,18 +274,23 @@ def _eval_rss_child(run: str, data: str) -> None:
         def num_batches(self, split, batch_size):
             return 1
 
+    def peak_gb() -> float:
+        """This process's own RSS high-water mark (VmHWM: ru_maxrss would include the parent's at fork)."""
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+        return round(int(line.split()[1]) / 2**20, 2)
+
     torch.set_num_threads(1)
     model = OdmtRecommender.from_pretrained(run, data_dir=data)
     data_ = OneBatch(PreparedData(data))
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    base = peak_gb()
     t0 = time.perf_counter()
     grid = evaluate_fusions(model, data_, "valid", step=TrainConfig().epoch_fusion_step, batch_size=512)
     t1 = time.perf_counter()
     evaluate_model(model, data_, "valid", batch_size=512)
     t2 = time.perf_counter()
-    print(json.dumps({"model_loaded_rss_gb": round(base, 2), "fusion_candidates": len(grid),
+    print(json.dumps({"model_loaded_rss_gb": base, "fusion_candidates": len(grid),
                       "fusion_grid_s_per_512_users": round(t1 - t0, 1), "evaluate_s_per_512_users": round(t2 - t1, 1),
-                      "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}))
+                      "peak_rss_gb": peak_gb()}))
 
 
 # -- main ----------------------------------------------------------------------------------------------
@@ -300,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--in-process-requests", type=int, default=100)
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--per-client", type=int, default=100)
+    p.add_argument("--protocols", nargs="+", default=["http", "grpc"], choices=["http", "grpc"])
     p.add_argument("--recall-sessions", type=int, default=500)
     p.add_argument("--work", default=str(ROOT / "benchmarks" / "work" / "scale"))
     p.add_argument("--no-eval-rss", action="store_true", help="skip the evaluation memory measurement")
@@ -350,28 +355,32 @@ def main(argv: list[str] | None = None) -> int:
 def one_line(n: int, e: dict, clients: int) -> str:
     s, ip = e["served"], e["in_process"]
     search = "  ".join(f"{k} p50 {v['search']['p50_ms']:.2f} ms" for k, v in ip.items() if "search" in v)
-    return (f"{n:>9,} items | in-process {search} | served ({s['retrieval']}) p50 {s['concurrency_1']['p50_ms']:.2f} "
-            f"p99 {s['concurrency_1']['p99_ms']:.2f} ms, c={clients} {s[f'concurrency_{clients}']['req_per_s']:.0f} req/s, "
-            f"recall@10 {s['recall_at_10']:.4f}")
+    served_ = "; ".join(f"{p} p50 {s[p]['concurrency_1']['p50_ms']:.2f} p99 {s[p]['concurrency_1']['p99_ms']:.2f} ms "
+                        f"c={clients} {s[p][f'concurrency_{clients}']['req_per_s']:.0f} req/s"
+                        for p in ("http", "grpc") if p in s)
+    return f"{n:>9,} items | in-process {search} | served ({s['retrieval']}) {served_} | recall@10 {s['recall_at_10']:.4f}"
 
 
 def goal_check(result: dict, clients: int) -> dict:
+    """{size_protocol: {metric: {value, goal, met}}} for the issue's goals."""
     out = {}
     sizes = result["sizes"]
 
     def entry(value, goal, higher_is_better=False):
         return {"value": value, "goal": goal, "met": value >= goal if higher_is_better else value <= goal}
 
-    if "1000000" in sizes:
-        s = sizes["1000000"]["served"]
-        out["1M"] = {"c1_p50_ms": entry(s["concurrency_1"]["p50_ms"], GOALS["p50_ms"]),
-                     "c1_p99_ms": entry(s["concurrency_1"]["p99_ms"], GOALS["p99_ms"]),
-                     "recall_at_10": entry(s["recall_at_10"], GOALS["recall_at_10"], True)}
-        if "evaluation" in sizes["1000000"]:
-            out["1M"]["eval_peak_rss_gb"] = entry(sizes["1000000"]["evaluation"]["process_peak_rss_gb"],
-                                                  GOALS["eval_peak_rss_gb"])
-    if "3000" in sizes:
-        out["3000"] = {"c1_p50_ms": entry(sizes["3000"]["served"]["concurrency_1"]["p50_ms"], GOALS["small_p50_ms"])}
+    for protocol in ("http", "grpc"):
+        if protocol in sizes.get("1000000", {}).get("served", {}):
+            s = sizes["1000000"]["served"]
+            out[f"1M_{protocol}"] = {"c1_p50_ms": entry(s[protocol]["concurrency_1"]["p50_ms"], GOALS["p50_ms"]),
+                                     "c1_p99_ms": entry(s[protocol]["concurrency_1"]["p99_ms"], GOALS["p99_ms"]),
+                                     "recall_at_10": entry(s["recall_at_10"], GOALS["recall_at_10"], True)}
+        if protocol in sizes.get("3000", {}).get("served", {}):
+            out[f"3000_{protocol}"] = {"c1_p50_ms": entry(sizes["3000"]["served"][protocol]["concurrency_1"]["p50_ms"],
+                                                          GOALS["small_p50_ms"])}
+    if "evaluation" in sizes.get("1000000", {}):
+        out["1M_evaluation"] = {"peak_rss_gb": entry(sizes["1000000"]["evaluation"]["peak_rss_gb"],
+                                                     GOALS["eval_peak_rss_gb"])}
     return out
 
 
@@ -380,31 +389,33 @@ def table(result: dict, clients: int) -> str:
     lines = [f"serving at scale: {result['model']['name']}, {result['model']['fused_dims']} fused dims, k={result['k']}, "
              f"{m['cpus']} CPUs, load average {m['load_average_before']} before / {m['load_average_after']} after",
              "in-process (batch 1, 1 thread, ms p50): search alone (exact / hnsw); recommend as before (full matrix) "
-             "and now (exact)",
-             f"{'items':>9} | {'exact':>9} {'hnsw':>8} | {'full rec':>8} {'rec now':>8} | {'served':>6} {'c=1 p50':>8} {'p99':>7} "
-             f"{'c=' + str(clients) + ' req/s':>10} {'recall@10':>9}"]
+             "and now",
+             f"{'items':>9} | {'exact':>7} {'hnsw':>6} | {'full rec':>8} {'rec now':>7} | {'served':>6} {'proto':>5} "
+             f"{'c=1 p50':>8} {'p99':>6} {'c=' + str(clients) + ' req/s':>10} | {'recall@10':>9}"]
     for n, e in result["sizes"].items():
         ip, s = e["in_process"], e["served"]
-        hnsw = f"{ip['hnsw']['search']['p50_ms']:8.2f}" if "hnsw" in ip else f"{'-':>8}"
+        hnsw = f"{ip['hnsw']['search']['p50_ms']:6.2f}" if "hnsw" in ip else f"{'-':>6}"
         full = f"{ip['full']['recommend']['p50_ms']:8.2f}" if "full" in ip else f"{'-':>8}"
-        lines.append(f"{int(n):>9,} | {ip['exact']['search']['p50_ms']:9.2f} {hnsw} | {full} "
-                     f"{ip['exact']['recommend']['p50_ms']:8.2f} | {s['retrieval']:>6} "
-                     f"{s['concurrency_1']['p50_ms']:8.2f} {s['concurrency_1']['p99_ms']:7.2f} "
-                     f"{s[f'concurrency_{clients}']['req_per_s']:10.0f} {s['recall_at_10']:9.4f}")
+        now = ip["hnsw" if s["retrieval"] == "hnsw" else "exact"]["recommend"]["p50_ms"]
+        for j, protocol in enumerate(p for p in ("http", "grpc") if p in s):
+            c1, cn = s[protocol]["concurrency_1"], s[protocol][f"concurrency_{clients}"]
+            head = (f"{int(n):>9,} | {ip['exact']['search']['p50_ms']:7.2f} {hnsw} | {full} {now:7.2f} | {s['retrieval']:>6}"
+                    if j == 0 else f"{'':>9} | {'':>7} {'':>6} | {'':>8} {'':>7} | {'':>6}")
+            lines.append(f"{head} {protocol:>5} {c1['p50_ms']:8.2f} {c1['p99_ms']:6.2f} {cn['req_per_s']:10.0f} | "
+                         f"{s['recall_at_10']:9.4f}")
         if "ef_sweep" in ip.get("hnsw", {}):
             lines.append("  hnsw search by ef_search: " + "; ".join(
                 f"{p['ef_search']}: recall@10 {p['recall_at_10']:.4f} p50 {p['search']['p50_ms']:.2f} ms"
                 for p in ip["hnsw"]["ef_sweep"]))
         if "evaluation" in e:
             ev = e["evaluation"]
-            lines.append(f"  full-catalog evaluation at {int(n):,} items: peak RSS {ev['process_peak_rss_gb']} GB "
+            lines.append(f"  full-catalog evaluation at {int(n):,} items: peak RSS {ev['peak_rss_gb']} GB "
                          f"({ev['fusion_candidates']} fusion candidates: {ev['fusion_grid_s_per_512_users']} s and "
                          f"evaluate_model {ev['evaluate_s_per_512_users']} s per 512 users)")
     for name, goals in result["goals"].items():
         lines.append(f"goals {name}: " + "; ".join(f"{k} {g['value']} (goal {g['goal']}): {'met' if g['met'] else 'NOT met'}"
                                                     for k, g in goals.items()))
     return "\n".join(lines)
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,7 +9,9 @@ The command
   2. computes their frozen features with the prepared DIR's feature settings and encoders (and cache);
   3. runs the trained item tower on them: text and image vectors from their content, the ID vector from
      the content-initialised ID embedding, the rule at training start (an ID-only model gets an
-     untrained random ID vector: the floor a cold item has there), then the branch MLPs;
+     untrained random ID vector: the floor a cold item has there), then the branch MLPs. A new item has
+     no interactions yet; the popularity prior counts it as a typical item (`--assumed-count median`:
+     the median train count of the prepared catalog), since with 0 every trained item outranks it;
   4. writes NEWRUN (default `RUN.v2`, `.v3`, ...): a whole RUN whose item matrices and serving vocabulary
      end with the new items (contract.ADDED_ITEMS), usable by evaluate, export and recommend;
   5. with --repo, checks the new graph in-process and adds it to the model repository as the next
@@ -30,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from odmt_t4r.contract import ADDED_ITEMS, RESERVED_ROWS, RUN_FORMAT, run_data_dir, run_item_ids
+from odmt_t4r.contract import ADDED_ITEMS, RESERVED_ROWS, RUN_FORMAT, catalog_item_ids, run_data_dir, run_item_ids
 
 RUN_SIDE_FILES = ("fusion.json",)  # the parent's choices that still describe the new version
 
@@ -85,8 +87,21 @@ def next_run_path(run: Path) -> Path:
     return run.parent / f"{base}.v{n}"
 
 
+def assumed_train_count(spec: str | float, train_count: np.ndarray) -> float:
+    """--assumed-count: "median" (of the prepared catalog's train counts) or a number >= 0."""
+    if spec == "median":
+        return float(np.median(train_count)) if len(train_count) else 0.0
+    try:
+        value = float(spec)
+    except (TypeError, ValueError):
+        value = -1.0
+    if not value >= 0:
+        raise ValueError(f"--assumed-count must be 'median' or a number >= 0, not {spec!r}")
+    return value
+
+
 def add_items(run: str | Path, items_csv: str | Path, out: str | Path | None = None, repo: str | Path | None = None,
-              seed: int = 0, check_sessions: int = 20, log=None) -> dict:
+              seed: int = 0, check_sessions: int = 20, log=None, assumed_count: str | float = "median") -> dict:
     """Adds the items of `items_csv` to `run` (see the module docstring); returns a summary."""
     import torch
 
@@ -106,20 +121,24 @@ def add_items(run: str | Path, items_csv: str | Path, out: str | Path | None = N
     if repo is not None:
         repo_manifest = _checked_repo(Path(repo))
     first = model.config.n_index
+    n_trained = len(catalog_item_ids(data_dir))  # the prepared catalog: items with observed train counts
+    count = assumed_train_count(assumed_count, model.train_count[RESERVED_ROWS:n_trained].numpy())
     say(f"{len(items):,} new items for {run.name} ({model.config.name}: {', '.join(model.branch_names)}); "
         f"indices {first}..{first + len(items) - 1}")
     with tempfile.TemporaryDirectory(prefix="odmt-add-items-") as tmp:
         feats = new_item_features(items, data_dir, model.config.token_layout(), Path(tmp)) if content else {}
         with torch.inference_mode(False):
-            grown = model.with_added_items(feats, len(items), seed=seed)
+            grown = model.with_added_items(feats, len(items), seed=seed, assumed_count=count)
     out = Path(out).resolve() if out else next_run_path(run)
     parent_added = pd.read_parquet(run / ADDED_ITEMS) if (run / ADDED_ITEMS).is_file() else None
-    added = pd.concat([parent_added, items.assign(item_idx=np.arange(first, first + len(items)))], ignore_index=True)
+    added = pd.concat([parent_added, items.assign(item_idx=np.arange(first, first + len(items)), assumed_count=count)],
+                      ignore_index=True)
     config = json.loads((run / "config.json").read_text())
     with OutputFolder(out, RUN_FORMAT, what="RUN", log=say) as folder:
         stage = folder.stage
         (stage / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "model"}))
-        grown.save_pretrained(stage, extra={"parent_run": str(run), "added_items": len(added)})
+        grown.save_pretrained(stage, extra={"parent_run": str(run), "added_items": len(added),
+                                            "assumed_count": count})
         added.to_parquet(stage / ADDED_ITEMS, index=False)
         for name in RUN_SIDE_FILES:
             if (run / name).is_file():
@@ -128,7 +147,7 @@ def add_items(run: str | Path, items_csv: str | Path, out: str | Path | None = N
         folder.commit()
     say(f"wrote {out} ({grown.config.n_index - RESERVED_ROWS:,} items)")
     summary = {"run": str(out), "parent_run": str(run), "added": len(items), "n_items": grown.config.n_index - RESERVED_ROWS,
-               "first_index": first}
+               "first_index": first, "assumed_count": count}
     if repo is not None:
         summary["repo"] = str(Path(repo).resolve())
         summary["repo_version"] = _add_to_repo(Path(repo), repo_manifest, out, check_sessions, say)
@@ -166,12 +185,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repo", default=None, help="also add the new version to this model repository "
                                                 "(a running `odmt serve` on it loads it without a restart)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random ID vectors of an xavier-init model")
+    p.add_argument("--assumed-count", default="median",
+                   help="train count the popularity prior assumes for the new items: 'median' (of the prepared "
+                        "catalog: a typical item) or a number; 0 ranks every trained item above them")
     p.add_argument("--check-sessions", type=int, default=20,
                    help="test sessions compared in-process with the model before the repository changes")
 
 
 def run(args: argparse.Namespace) -> int:
     summary = add_items(args.run, args.items, out=args.out, repo=args.repo, seed=args.seed,
-                        check_sessions=args.check_sessions)
+                        check_sessions=args.check_sessions, assumed_count=args.assumed_count)
     print(json.dumps(summary, indent=2))
     return 0

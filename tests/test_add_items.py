@@ -96,6 +96,24 @@ def test_new_items_get_the_content_vectors_of_their_content(odmt_run, data_dir, 
     assert len(pd.read_parquet(Path(again["run"]) / ADDED_ITEMS)) == 4
 
 
+def test_new_items_count_as_a_typical_item_in_the_popularity_prior(odmt_run, data_dir, catalog, tmp_path):
+    from odmt_t4r.model import OdmtRecommender
+
+    old = OdmtRecommender.from_pretrained(odmt_run, data_dir=data_dir)
+    n = old.config.n_index
+    median = float(np.median(old.train_count[3:n].numpy()))
+    assert median > 0
+    csv = new_items_csv(tmp_path, catalog, [0, 5])
+    grown = OdmtRecommender.from_pretrained(add_items(odmt_run, csv, out=tmp_path / "median")["run"])
+    zero = OdmtRecommender.from_pretrained(add_items(odmt_run, csv, out=tmp_path / "zero", assumed_count=0)["run"])
+    assert grown.train_count[n:].tolist() == [median, median] and zero.train_count[n:].tolist() == [0.0, 0.0]
+    history = torch.tensor([[3, 4, 0, 0]])
+    gap = grown.score(history)["id"][0, n:] - zero.score(history)["id"][0, n:]
+    torch.testing.assert_close(gap, (grown.popularity_weight[0] * np.log1p(median)).expand(2))
+    with pytest.raises(ValueError, match="assumed-count"):
+        add_items(odmt_run, csv, out=tmp_path / "bad", assumed_count="typical")
+
+
 def test_an_id_only_model_gives_new_items_an_untrained_random_vector(data_dir, catalog, tmp_path):
     from odmt_t4r.model import OdmtRecommender, build_model
 

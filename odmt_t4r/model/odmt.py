@@ -277,11 +277,14 @@ class OdmtRecommender(nn.Module):
         return catalog
 
     @torch.no_grad()
-    def with_added_items(self, feats: dict[str, torch.Tensor], n_new: int, seed: int = 0) -> "OdmtRecommender":
+    def with_added_items(self, feats: dict[str, torch.Tensor], n_new: int, seed: int = 0,
+                         assumed_count: float = 0.0) -> "OdmtRecommender":
         """A copy that also indexes `n_new` items, appended from n_index on, scored from their content:
         `feats` are their looked-up features in this model's token layout (ModalityStore.lookup; {} for an
         ID-only model). Their ID vectors follow the rule at training start: the content init, or (xavier
-        ID init, SASRec) an untrained random vector. They have no train count, so no popularity prior.
+        ID init, SASRec) an untrained random vector. They have no interactions yet: `assumed_count` is the
+        train count the popularity prior and the empty-session fallback use for them (0 ranks every
+        trained item above them wherever the prior is on).
         The copy scores from its cached catalog (it cannot train: the new items have no stored features)."""
         if n_new < 1:
             raise ValueError("no items to add")
@@ -299,8 +302,9 @@ class OdmtRecommender(nn.Module):
                 std = (2.0 / (N + n_new + weight.shape[1])) ** 0.5
                 new_id = torch.randn(n_new, weight.shape[1], generator=torch.Generator().manual_seed(seed)) * std
             state["item_tower.id_embedding.weight"] = torch.cat([weight, new_id.to(weight.dtype)])
-        for name in ("train_count", "log_popularity"):
-            state[name] = torch.cat([state[name], torch.zeros(n_new, dtype=state[name].dtype)])
+        counts = torch.full((n_new,), float(assumed_count))
+        for name, value in (("train_count", counts), ("log_popularity", torch.log(counts.clamp(min=1.0)))):
+            state[name] = torch.cat([state[name], value.to(state[name].dtype)])
         config = OdmtConfig.from_dict({**asdict(c), "n_index": N + n_new})
         model = type(self)(config)
         model.load_state_dict(state)

@@ -100,6 +100,12 @@ class FusedRetriever:
         if self.has_prior:
             parts.append(torch.log1p(model.train_count.detach().float().cpu())[:, None])
         self.items = torch.cat(parts, 1).contiguous()  # [N D'] float32
+        # [D'] query = [states ; 1] * scale: w_b on each branch's columns, sum_b w_b pw_b on the prior's
+        scale = [torch.full((w,), wt) for w, wt in zip(self.widths, self.weights.values())]
+        if self.has_prior:
+            pw = dict(zip(model.branch_names, model.popularity_weight.detach().float().cpu().tolist()))
+            scale.append(torch.tensor([sum(wt * pw[b] for b, wt in self.weights.items())]))
+        self._query_scale = torch.cat(scale)
         self.n_items = self.items.shape[0] - RESERVED_ROWS
         kind = self.config.index
         if kind == "auto":
@@ -113,21 +119,19 @@ class FusedRetriever:
     def queries(self, history: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """history [B S] -> (query vectors [B D']: the weighted session states and the prior's weight,
         each used branch's own state [B D])."""
-        states = [s.float().cpu() for b, s in self.model.session_states(history).items() if b in self.weights]
-        q = [w * s for w, s in zip(self.weights.values(), states)]
-        if self.has_prior:
-            pw = self.model.popularity_weight.detach().float().cpu()
-            index = {b: i for i, b in enumerate(self.model.branch_names)}
-            q.append(sum(self.weights[b] * pw[index[b]] for b in self.weights).reshape(1, 1).expand(len(q[0]), 1))
-        return torch.cat(q, 1), states
+        states = self.model.session_states(history)
+        used = [states[b].float().cpu() for b in self.weights]  # the item matrix lives on the CPU
+        ones = [torch.ones(len(used[0]), 1)] if self.has_prior else []
+        return torch.cat(used + ones, 1) * self._query_scale, used
 
     @torch.no_grad()
     def search(self, history: torch.Tensor, k: int, exclude_history: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k (scores [B K], item indices [B K]), K = min(k, catalog size); -inf scores where no item is left."""
         from .odmt import clip_history
 
-        history = clip_history(history.cpu().long(), self.model.config.max_length)
-        q, states = self.queries(history)
+        history = clip_history(history.long(), self.model.config.max_length)
+        q, states = self.queries(history.to(self.model.log_popularity.device))
+        history = history.cpu()
         return self.top_k(q, states, history if exclude_history else torch.zeros_like(history[:, :1]), k)
 
     def top_k(self, q: torch.Tensor, states: list[torch.Tensor], excluded: torch.Tensor, k: int):
@@ -151,7 +155,10 @@ class FusedRetriever:
             if lse is not None:
                 lse = [_logsumexp_update(acc, s_b) for acc, s_b in zip(lse, self._branch_blocks(states, block, start))]
             s = _mask_block(s, start, excluded)
-            top_s, top_i = _merge_topk(top_s, top_i, s, start, k)
+            if start == 0 and s.shape[1] == self.items.shape[0]:  # one block: its top-k is the answer
+                top_s, top_i = torch.topk(s, k, dim=1)
+            else:
+                top_s, top_i = _merge_topk(top_s, top_i, s, start, k)
         if lse is not None:
             const = sum(w * (m + torch.log(z)) for w, (m, z) in zip(self.weights.values(), lse))  # [B]
             top_s = top_s - const[:, None]
