@@ -308,6 +308,7 @@ class OdmtRecommender(nn.Module):
         config = OdmtConfig.from_dict({**asdict(c), "n_index": N + n_new})
         model = type(self)(config)
         model.load_state_dict(state)
+        model.set_retrieval(self.retrieval)  # the parent's search settings carry over
         model.eval()
         new = model._branch_vectors(model.item_tower.encode_features(idx, feats))
         model._catalog = {b: torch.cat([old[b], new[b]]) for b in old}
