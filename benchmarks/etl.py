@@ -14,6 +14,7 @@ import argparse
 import json
 import multiprocessing as mp
 import platform
+import queue
 import resource
 import statistics
 import sys
@@ -84,11 +85,20 @@ def _fingerprint(df: pd.DataFrame) -> list:
     return [len(df), hash(tuple(lists)), hash(tuple(seen))]
 
 
-def measure(path: str, n_rows: int, repeats: int) -> dict:
-    q = mp.get_context("spawn").Queue()
-    p = mp.get_context("spawn").Process(target=_child, args=(path, n_rows, repeats, q))
+def measure(path, n_rows: int, repeats: int, target=None) -> dict:
+    """What target(path, n_rows, repeats, queue) (default `_child`) puts on the queue, run in a fresh
+    spawned process so its memory high-water mark is its own; a child that dies (e.g. out of memory) raises."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=target or _child, args=(path, n_rows, repeats, q))
     p.start()
-    res = q.get()
+    while True:
+        try:
+            res = q.get(timeout=5)
+            break
+        except queue.Empty:
+            if not p.is_alive():
+                raise RuntimeError(f"{path} at {n_rows:,} rows: the child process died (exit code {p.exitcode})") from None
     p.join()
     return res
 

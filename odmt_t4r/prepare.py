@@ -135,6 +135,32 @@ def _cluster_workers(client) -> int:
 GENERATED_FOLDERS = ("raw_images",)
 
 
+def run_workflows(inter: pd.DataFrame, vocab: pd.Series, scfg, stage: Path, client=None,
+                  partitions: int = 1) -> tuple[dict, dict[str, int]]:
+    """The session + split workflows on `inter` (with its input-row column) in one process or on `client`'s
+    cluster (at least one partition per worker, split by user ranges), the splits written to stage/<split>
+    and the vocabularies to stage/categories; returns (fitted workflows by name, rows per split)."""
+    import nvtabular as nvt
+
+    from workflows import sessions as W
+
+    npartitions = max(1, partitions, _cluster_workers(client))
+    if client is not None:
+        _step(f"  on Dask: {_cluster_workers(client)} workers at {client.scheduler.address}, {npartitions} partitions")
+    ds = nvt.Dataset(inter, npartitions=npartitions)
+    if npartitions > 1:
+        ds = W.partition_by_user(ds, npartitions)  # the Groupby needs each user's rows in one partition
+    workflows, splits = W.run_session_workflows(ds, vocab, scfg, str(stage / "categories"))
+    split_rows = {}
+    for split in W.SPLITS:
+        # one file per partition, in order: merlin writes several partitions per file through a subgraph
+        # that cannot hold a cluster's persisted futures ('Future' object is not subscriptable)
+        splits[split].to_parquet(str(stage / split), output_files=splits[split].npartitions)
+        split_rows[split] = len(read_split(stage / split, [W.USER_IDX]))
+        _step(f"  {split}: {split_rows[split]:,} rows")
+    return workflows, split_rows
+
+
 def _versions() -> dict[str, str]:
     from importlib.metadata import version
     names = ["odmt-t4r", "nvtabular", "merlin-core", "transformers4rec", "torch", "pandas", "numpy", "dask"]
@@ -187,26 +213,13 @@ def _prepare(cfg: PrepareConfig, stage: Path) -> dict:
     with dask_cluster(cfg) as client:
         t = _step("NVTabular workflows: Categorify + Groupby (by timestamp, then input row) + leave-one-out splits")
         vocab = W.item_vocabulary(inter, raw.items)
-        cats = str(stage / "categories")
-        npartitions = max(1, cfg.partitions, _cluster_workers(client))
-        if client is not None:
-            _step(f"  on Dask: {_cluster_workers(client)} workers at {client.scheduler.address}, {npartitions} partitions")
-        ds = nvt.Dataset(inter, npartitions=npartitions)
-        if npartitions > 1:
-            ds = W.partition_by_user(ds, npartitions)  # the Groupby needs each user's rows in one partition
         scfg = W.SessionConfig(max_length=cfg.max_length, min_interactions=cfg.min_interactions)
-        workflows, splits = W.run_session_workflows(ds, vocab, scfg, cats)
-        split_rows = {}
-        for split in W.SPLITS:
-            # one file per partition, in order: merlin writes several partitions per file through a subgraph
-            # that cannot hold a cluster's persisted futures ('Future' object is not subscriptable)
-            splits[split].to_parquet(str(stage / split), output_files=splits[split].npartitions)
-            split_rows[split] = len(read_split(stage / split, [W.USER_IDX]))
-            _step(f"  {split}: {split_rows[split]:,} rows")
+        workflows, split_rows = run_workflows(inter, vocab, scfg, stage, client, cfg.partitions)
         for name, wf in workflows.items():
             wf.save(str(stage / "workflows" / name))
         _step(f"  done ({time.perf_counter() - t:.1f}s)")
 
+    cats = str(stage / "categories")
     inf = W.inference_workflow(vocab, scfg, cats)
     inf.fit(nvt.Dataset(pd.DataFrame({W.ITEM_LIST: [[str(vocab.iloc[0])]]})))  # fixed vocabulary: no statistics
     inf.save(str(stage / "workflows" / "inference"))
