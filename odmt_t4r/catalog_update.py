@@ -173,9 +173,9 @@ def _add_to_repo(repo: Path, manifest: dict, run: Path, check_sessions: int, say
         cfg = serving_config(manifest)
         ensemble, predict, check = checked_ensemble(run, None, cfg, check_sessions, say)
         return add_version(repo, ensemble, predict, run, check, say)["version"]
-    except Exception as exc:
-        raise type(exc)(f"{exc} (the new RUN {run} is written; {repo} is unchanged and serves what it served)") \
-            if isinstance(exc, (ValueError, OSError)) else exc
+    except (ValueError, OSError) as exc:  # the base type: subclasses (DataValidationError, ...) take other args
+        kind = OSError if isinstance(exc, OSError) else ValueError
+        raise kind(f"{exc} (the new RUN {run} is written; {repo} is unchanged and serves what it served)") from exc
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
