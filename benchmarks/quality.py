@@ -44,6 +44,12 @@ VARIANTS = {
     "odmt-no-prior": dict(popularity_prior=False),
     "odmt-full": dict(loss="full"),
     "odmt-in-batch": dict(loss="in_batch"),
+    # the sequence encoder's dropout (RecBole's SASRec uses 0.5), for odmt and for the baseline alike
+    "odmt-drop5": dict(seq_dropout=0.5),
+    "sasrec-drop5": dict(preset="sasrec", seq_dropout=0.5),
+    # weights averaged over about 2 epochs of steps (TrainConfig.average_epochs)
+    "odmt-avg2": dict(average_epochs=2.0),
+    "sasrec-avg2": dict(preset="sasrec", average_epochs=2.0),
 }
 from odmt_t4r.anchors import RECBOLE_ML100K  # noqa: E402  (RecBole 1.2.1, same split, re-scored)
 
@@ -68,14 +74,17 @@ def prepared(dataset: str, work: Path) -> Path:
 
 
 EXECUTION_ONLY = ("progress", "threads", "epochs", "nproc", "amp", "device")
+# settings added after runs were benchmarked: at these values they train what those runs trained
+NEUTRAL = {"average_epochs": 0.0}
 
 
 def train_config(model: str, seed: int, epochs: int | None, patience: int | None):
     """The TrainConfig of a benchmark entry: a preset, or a named variant of the odmt preset."""
     from odmt_t4r.training.train import TrainConfig
 
-    settings = dict(model=model if model in MODELS else "odmt", seed=seed, progress=False, threads=1,
-                    **VARIANTS.get(model, {}))
+    variant = dict(VARIANTS.get(model, {}))
+    preset = variant.pop("preset", model if model in MODELS else "odmt")  # a variant names its preset, else odmt
+    settings = dict(model=preset, seed=seed, progress=False, threads=1, **variant)
     if epochs is not None:
         settings["epochs"] = epochs
     if patience is not None:
@@ -91,7 +100,8 @@ def effective_key(train: dict) -> str:
 
     from odmt_t4r.model import model_registry
 
-    cfg = {k: v for k, v in train.items() if k not in EXECUTION_ONLY and k not in ("extra", "model")}
+    cfg = {k: v for k, v in train.items() if k not in EXECUTION_ONLY and k not in ("extra", "model")
+           and not (k in NEUTRAL and v == NEUTRAL[k])}
     model = {**cfg.pop("model_config"), **model_registry[train["model"]]}
     model.pop("name", None)
     return hashlib.sha256(json.dumps({**cfg, "model_config": model}, sort_keys=True).encode()).hexdigest()[:10]

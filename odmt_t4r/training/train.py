@@ -15,8 +15,10 @@ is still learning is never cut off. The final fusion is then chosen on a finer g
 
 RUN/ holds:
     config.json        model config (with the chosen fusion) + TrainConfig + the prepared DIR and its hash
-    model.pt, item_vectors.pt   the best model (valid fused NDCG@10); OdmtRecommender.from_pretrained(RUN)
-    checkpoint.pt      the last finished epoch: model, optimizer, epoch, best, patience count, RNG state
+    model.pt, item_vectors.pt   the best model (valid fused NDCG@10; its averaged weights when --average-epochs
+                       is set); OdmtRecommender.from_pretrained(RUN)
+    checkpoint.pt      the last finished epoch: model, optimizer, epoch, best, patience count, RNG state,
+                       weight average
     log.jsonl          one line per finished epoch: branch losses, KD weight, valid metrics, seconds
     fusion.json        every candidate fusion's validation metrics and the choice
 """
@@ -24,6 +26,7 @@ RUN/ holds:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -42,6 +45,7 @@ from odmt_t4r.model import OdmtConfig, build_model, model_registry
 from odmt_t4r.output_folder import atomic_write, fault_point
 
 from . import distributed
+from .averaging import WeightAverage
 from .data import PreparedData
 from .fusion import choose_fusion, evaluate_fusions, select_fusion
 from .progress import progress_bar
@@ -68,6 +72,9 @@ class TrainConfig:
     epochs: int = 100
     patience: int = 5  # epochs in which neither the fused score nor any branch improved on valid NDCG@10
     grad_clip: float = 5.0
+    # evaluate, keep and serve an exponential moving average of the weights over about this many epochs
+    # of steps (averaging.py); 0 = the last step's weights
+    average_epochs: float = 0.0
     seed: int = 42
     fusion_step: float = 0.1  # weight grid of the final fusion choice (twice as coarse after each epoch)
     # torch CPU threads. 1 by default: on a shared 2-core box two OpenMP threads were 10x slower per step
@@ -94,6 +101,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "eval_batch_size", "patience", "threads", "nproc"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.average_epochs >= 0:
+            raise ValueError(f"average_epochs must be >= 0, got {self.average_epochs}")
         if not self.lr > 0 or self.weight_decay < 0:
             raise ValueError(f"need lr > 0 and weight_decay >= 0, got lr={self.lr}, weight_decay={self.weight_decay}")
         if not 0 < self.fusion_step <= 0.5:
@@ -270,6 +279,8 @@ def _train(cfg: TrainConfig, data_dir, out: Path, resume: bool, ckpt_path: Path,
     device = cfg.torch_device(ranks.local_rank)
     model.to(device)
     optimizer = _optimizer(model, cfg)
+    average = (WeightAverage.over_epochs(model, cfg.average_epochs, data.num_batches("train", cfg.batch_size) // ranks.world)
+               if cfg.average_epochs > 0 else None)
     step_model = model
     if ranks.world > 1:  # averages the gradients of the ranks' shards; starts from rank 0's weights
         from torch.nn.parallel import DistributedDataParallel
@@ -295,6 +306,10 @@ def _train(cfg: TrainConfig, data_dir, out: Path, resume: bool, ckpt_path: Path,
             raise ValueError(f"{out} was trained on other prepared data (manifest hash differs); cannot resume")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        if average is not None:
+            if ckpt.get("average") is None:
+                raise ValueError(f"{out} was trained without weight averaging; resume it without --average-epochs")
+            average.load_state_dict(ckpt["average"])
         torch.set_rng_state(ckpt["torch_rng"])
         state = {**state, **ckpt["state"]}
         if ranks.main:
@@ -341,6 +356,8 @@ def _train(cfg: TrainConfig, data_dir, out: Path, resume: bool, ckpt_path: Path,
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             scaler.step(optimizer)
             scaler.update()
+            if average is not None:
+                average.update(model)
             n_batches += 1
             sums["loss"] = sums.get("loss", 0.0) + outputs["loss"].item()
             for name, value in outputs["losses"].items():
@@ -351,18 +368,19 @@ def _train(cfg: TrainConfig, data_dir, out: Path, resume: bool, ckpt_path: Path,
         if not ranks.main:  # rank 0 evaluates and decides; the others wait for its verdict
             state["epoch"], state["stopped"] = epoch, ranks.share(None)
             continue
-        results = evaluate_fusions(model, data, "valid", step=cfg.epoch_fusion_step, batch_size=cfg.eval_batch_size)
-        metrics, choice = _valid_metrics(results, branches)
+        with average.applied(model) if average is not None else contextlib.nullcontext():
+            results = evaluate_fusions(model, data, "valid", step=cfg.epoch_fusion_step, batch_size=cfg.eval_batch_size)
+            metrics, choice = _valid_metrics(results, branches)
+            improved = metrics["NDCG@10"] > state["best_metric"]
+            if improved:
+                state.update(best_metric=metrics["NDCG@10"], best_epoch=epoch, best=metrics)
+                model.set_fusion(choice["weights"], choice["scores"])
+                model.save_pretrained(out, extra=run_info)
         seconds = time.perf_counter() - t0
 
-        improved = metrics["NDCG@10"] > state["best_metric"]
         branch_improved = [b for b in branches if metrics[f"{b}/NDCG@10"] > state["branch_best"].get(b, -math.inf)]
         for b in branch_improved:
             state["branch_best"][b] = metrics[f"{b}/NDCG@10"]
-        if improved:
-            state.update(best_metric=metrics["NDCG@10"], best_epoch=epoch, best=metrics)
-            model.set_fusion(choice["weights"], choice["scores"])
-            model.save_pretrained(out, extra=run_info)
         # a run ends only when neither the fused score nor any branch is still improving
         state["bad_epochs"] = 0 if (improved or branch_improved) else state["bad_epochs"] + 1
         state["epoch"] = epoch
@@ -381,6 +399,7 @@ def _train(cfg: TrainConfig, data_dir, out: Path, resume: bool, ckpt_path: Path,
 
         fault_point("train-before-checkpoint")
         checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
+                      "average": average.state_dict() if average is not None else None,
                       "torch_rng": torch.get_rng_state(), "data_sha256": run_info["data"]["manifest_sha256"]}
         atomic_write(ckpt_path, lambda tmp: torch.save(checkpoint, tmp))
         fault_point("train-after-checkpoint")

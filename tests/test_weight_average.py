@@ -1,0 +1,88 @@
+"""TrainConfig.average_epochs: the moving average of the weights is what is evaluated, saved and resumed."""
+
+import json
+
+import pytest
+import torch
+
+from odmt_t4r.model import OdmtRecommender
+from odmt_t4r.training import train
+from odmt_t4r.training.averaging import WeightAverage
+from odmt_t4r.training.data import PreparedData
+from odmt_t4r.training.evaluate import evaluate_model
+from tests.synthetic import make_synthetic_prepared
+from tests.test_training import FAST
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_synthetic_prepared(tmp_path_factory.mktemp("prepared"), n_users=32, n_items=20, max_length=6,
+                                   text_tokens=5, image_tokens=4, text_dim=24, image_dim=32, jump=0.05)
+
+
+def test_the_average_follows_the_exponential_rule_and_applied_restores_the_raw_weights():
+    model = torch.nn.Linear(3, 2)
+    average = WeightAverage(model, decay=0.5)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    for _ in range(20):  # past the warm-up (decay min(0.5, (1+t)/(10+t))): the plain 0.5 rule
+        average.update(model)
+    raw = model.weight.detach().clone()
+    # after n updates toward a fixed target, the gap shrinks by the product of the decays
+    gap = 1.0
+    for t in range(1, 21):
+        gap *= min(0.5, (1.0 + t) / (10.0 + t))
+    assert torch.allclose(average.shadow["weight"], raw - gap * (raw - start))
+    with average.applied(model):
+        assert torch.allclose(model.weight, average.shadow["weight"])
+    assert torch.equal(model.weight, raw)
+
+
+def test_over_epochs_sets_the_horizon_in_steps():
+    model = torch.nn.Linear(2, 2)
+    assert WeightAverage.over_epochs(model, 2.0, 50).decay == pytest.approx(1 - 1 / 100)
+    with pytest.raises(ValueError):
+        WeightAverage(model, decay=1.0)
+    with pytest.raises(ValueError, match="average_epochs"):
+        train.TrainConfig.from_dict({"average_epochs": -1.0}).validate()
+
+
+def test_the_saved_model_holds_the_averaged_weights_and_resume_is_exact(data_dir, tmp_path):
+    cfg = dict(FAST, model="odmt", epochs=3, average_epochs=1.0)
+    straight = train.train_run(train.TrainConfig.from_dict(cfg), data_dir, tmp_path / "a", log=lambda *_: None)
+    ckpt = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    shadow, raw = ckpt["average"]["shadow"], ckpt["model"]
+    assert ckpt["average"]["steps"] == 3 * PreparedData(data_dir).num_batches("train", FAST["batch_size"])
+    assert any(not torch.equal(shadow[k], raw[k]) for k in shadow)  # the average is not the last step
+    saved = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
+    if straight["best_epoch"] == 3:  # the best epoch's model is the average at that epoch
+        assert all(torch.equal(saved[k], shadow[k]) for k in shadow)
+    # the saved model reproduces the validation score that chose it
+    model = OdmtRecommender.from_pretrained(tmp_path / "a")
+    valid = evaluate_model(model, PreparedData(data_dir), "valid")
+    assert valid["NDCG@10"] == pytest.approx(straight["fusion"]["valid_NDCG@10"], abs=1e-6)
+
+    def killed_after_epoch_2(message):
+        if message.startswith("epoch   2/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train.train_run(train.TrainConfig.from_dict(cfg), data_dir, tmp_path / "b", log=killed_after_epoch_2)
+    resumed = train.train_run(train.TrainConfig.from_dict(cfg), data_dir, tmp_path / "b", resume=True,
+                              log=lambda *_: None)
+    assert resumed == straight
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["average"]["shadow"]
+    assert all(torch.equal(shadow[k], b[k]) for k in shadow)
+
+    # resume follows the RUN's saved config; one edited to average a run trained without it is refused
+    plain = dict(cfg, average_epochs=0.0, epochs=1)
+    train.train_run(train.TrainConfig.from_dict(plain), data_dir, tmp_path / "c", log=lambda *_: None)
+    config = json.loads((tmp_path / "c" / "config.json").read_text())
+    config["train"]["average_epochs"] = 1.0
+    (tmp_path / "c" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="without weight averaging"):
+        train.train_run(train.TrainConfig.from_dict(plain), data_dir, tmp_path / "c", resume=True, epochs=2,
+                        log=lambda *_: None)
