@@ -47,6 +47,8 @@ VARIANTS = {
     # the sequence encoder's dropout (RecBole's SASRec uses 0.5), for odmt and for the baseline alike
     "odmt-drop5": dict(seq_dropout=0.5),
     "sasrec-drop5": dict(preset="sasrec", seq_dropout=0.5),
+    "odmt-drop1": dict(seq_dropout=0.1),
+    "odmt-d128": dict(d_model=128),
     # weights averaged over about 2 epochs of steps (TrainConfig.average_epochs)
     "odmt-avg2": dict(average_epochs=2.0),
     "sasrec-avg2": dict(preset="sasrec", average_epochs=2.0),
