@@ -6,6 +6,10 @@ items excluded, plus the long-tail slice, coverage@10 and the validation score e
                                            [--epochs N | DATASET=N ...] [--patience P] [--jobs 2]
                                            [--work benchmarks/work] [--report-only]
 
+Datasets: a source prepared with `odmt prepare`'s defaults (ml-100k, fashion), "SOURCE-L<N>" (histories
+of N items), or "sparse-text" (about 9,000 items, 700 users, text only: a robustness check of the defaults
+on a sparse catalog like issue 8's independent check).
+
 Each (dataset, entry, seed) trains into WORK/runs/<dataset>/; a run is found by what it trains (the
 preset's settings applied, how it is executed left out), so entries that train the same thing share runs,
 a finished run is reused and an unfinished one resumed: an interrupted benchmark continues where it
@@ -48,7 +52,7 @@ VARIANTS = {
     "odmt-drop5": dict(seq_dropout=0.5),
     "sasrec-drop5": dict(preset="sasrec", seq_dropout=0.5),
     "odmt-drop1": dict(seq_dropout=0.1),
-    "odmt-d128": dict(d_model=128),
+    "sasrec-drop1": dict(preset="sasrec", seq_dropout=0.1),
     # weights averaged over about 2 epochs of steps (TrainConfig.average_epochs)
     "odmt-avg2": dict(average_epochs=2.0),
     "sasrec-avg2": dict(preset="sasrec", average_epochs=2.0),
@@ -65,9 +69,27 @@ def source_of(dataset: str) -> str:
     return DATASET_FORM.match(dataset)["source"]
 
 
+# "sparse-text": a sparse, text-only store like the independent check's in issue 8 (about 9,000 items,
+# 700 users, no photos), drawn by the fashion generator and prepared through the CSV path users take
+SPARSE_TEXT = dict(n_items=9000, n_users=700, seed=7, mean_session_len=30.0, max_session_len=120)
+
+
+def _prepare_sparse_text(out: Path) -> None:
+    from odmt_t4r.data.fashion import FashionConfig, generate_fashion
+    from odmt_t4r.prepare import PrepareConfig, prepare
+    raw_dir = out.parent / f"{out.name}-raw"
+    raw = generate_fashion(FashionConfig(**SPARSE_TEXT), raw_dir / "images")
+    raw.interactions.to_csv(raw_dir / "interactions.csv", index=False)
+    raw.items[["item_id", "text"]].to_csv(raw_dir / "items.csv", index=False)  # text only
+    prepare(PrepareConfig(source="csv", interactions=str(raw_dir / "interactions.csv"),
+                          items=str(raw_dir / "items.csv"), out=str(out)))
+
+
 def prepared(dataset: str, work: Path) -> Path:
     from odmt_t4r.prepare import PrepareConfig, prepare
     out = work / "data" / dataset
+    if dataset == "sparse-text" and not (out / "manifest.json").is_file():
+        _prepare_sparse_text(out)
     if not (out / "manifest.json").is_file():
         form = DATASET_FORM.match(dataset)
         extra = {"max_length": int(form["max_length"])} if form["max_length"] else {}

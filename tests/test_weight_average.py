@@ -10,16 +10,9 @@ from odmt_t4r.training import train
 from odmt_t4r.training.averaging import WeightAverage
 from odmt_t4r.training.data import PreparedData
 from odmt_t4r.training.evaluate import evaluate_model
-from tests.synthetic import make_synthetic_prepared
-from tests.test_training import FAST
+from tests.test_training import FAST, data_dir  # noqa: F401 (data_dir: the same tiny prepared DIR fixture)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_synthetic_prepared(tmp_path_factory.mktemp("prepared"), n_users=32, n_items=20, max_length=6,
-                                   text_tokens=5, image_tokens=4, text_dim=24, image_dim=32, jump=0.05)
 
 
 def test_the_average_follows_the_exponential_rule_and_applied_restores_the_raw_weights():
