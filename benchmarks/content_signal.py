@@ -18,7 +18,8 @@ the catalog's median train count), for:
   * probe-image: a linear map of the image tokens the IMT reads (CLS + the 2x2-pooled grid) onto the
     generator's visual factors, fitted by ridge regression on one half of the items and applied to the
     other (two folds: no item's own factors make its vector): what the frozen features could carry;
-  * for each --run: its branches' scores with the popularity prior removed (similarity only) and as trained.
+  * for each --run: its branches' scores with the popularity prior removed (similarity only) and as trained,
+    and its fused score with the prior scaled by PRIOR_SCALES (coverage against NDCG).
 Writes benchmarks/results/content_signal.json.
 """
 
@@ -35,6 +36,7 @@ warnings.filterwarnings("ignore")
 
 RESULTS = Path(__file__).parent / "results" / "content_signal.json"
 RECENT = 3  # the generator anchors similarity moves on one of the last 3 items
+PRIOR_SCALES = (0.5, 0.7, 0.85, 1.0, 1.15)
 
 
 def main() -> None:
@@ -129,6 +131,13 @@ def main() -> None:
             results[f"{Path(run).name}/{b}"] = report(lambda h, b=b: model.score(h)[b])
             if prior is not None:
                 results[f"{Path(run).name}/{b} (no prior)"] = report(lambda h, b=b: model.score(h)[b] - prior[b])
+        if prior is not None and model.config.fusion_scores == "raw":
+            # the fused score with its popularity prior scaled: what coverage costs in NDCG
+            weights = model.config.fusion_weights or {b: 1.0 / len(model.branch_names) for b in model.branch_names}
+            fused_prior = sum(w * prior[b] for b, w in weights.items())
+            for scale in PRIOR_SCALES:
+                results[f"{Path(run).name}/fused (prior x {scale})"] = report(
+                    lambda h, scale=scale: model.score(h)["fused"] - (1.0 - scale) * fused_prior)
 
     print(f"fashion {args.split}: {len(tail[torch.cat([t for _, t, _ in batches])].nonzero())} long-tail users "
           f"(target train count <= {median:g})")
