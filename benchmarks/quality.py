@@ -56,6 +56,8 @@ VARIANTS = {
     # weights averaged over about 2 epochs of steps (TrainConfig.average_epochs)
     "odmt-avg2": dict(average_epochs=2.0),
     "sasrec-avg2": dict(preset="sasrec", average_epochs=2.0),
+    # each position's own item vector also scores the next item (OdmtConfig.item_to_item)
+    "odmt-i2i": dict(item_to_item=0.5),
 }
 from odmt_t4r.anchors import RECBOLE_ML100K  # noqa: E402  (RecBole 1.2.1, same split, re-scored)
 
@@ -99,7 +101,7 @@ def prepared(dataset: str, work: Path) -> Path:
 
 EXECUTION_ONLY = ("progress", "threads", "epochs", "nproc", "amp", "device")
 # settings added after runs were benchmarked: at these values they train what those runs trained
-NEUTRAL = {"average_epochs": 0.0}
+NEUTRAL = {"average_epochs": 0.0, "item_to_item": 0.0}
 
 
 def train_config(model: str, seed: int, epochs: int | None, patience: int | None):
@@ -127,7 +129,7 @@ def effective_key(train: dict) -> str:
     cfg = {k: v for k, v in train.items() if k not in EXECUTION_ONLY and k not in ("extra", "model")
            and not (k in NEUTRAL and v == NEUTRAL[k])}
     model = {**cfg.pop("model_config"), **model_registry[train["model"]]}
-    model.pop("name", None)
+    model = {k: v for k, v in model.items() if k != "name" and not (k in NEUTRAL and v == NEUTRAL[k])}
     return hashlib.sha256(json.dumps({**cfg, "model_config": model}, sort_keys=True).encode()).hexdigest()[:10]
 
 

@@ -169,6 +169,8 @@ def test_a_killed_training_stage_resumes_from_its_last_epoch(tiny):
     import sys
     import time
 
+    import torch
+
     args = list(tiny.args)
     args[args.index("--epochs") + 1] = "4"  # new training inputs: train-odmt starts afresh
     log = tiny.work / "runs" / "odmt" / "log.jsonl"
@@ -176,10 +178,11 @@ def test_a_killed_training_stage_resumes_from_its_last_epoch(tiny):
                              stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
-        def first_epoch_done():  # of the new training: its config.json says 4 epochs
-            try:
+        def first_epoch_done():  # of the new training (its config.json says 4 epochs), checkpointed:
+            try:  # the log line comes before the checkpoint, so a kill between them would redo epoch 1
                 config = json.loads((log.parent / "config.json").read_text())
-                return config["train"]["epochs"] == 4 and '"epoch": 1' in log.read_text()
+                return (config["train"]["epochs"] == 4 and '"epoch": 1' in log.read_text()
+                        and (log.parent / "checkpoint.pt").is_file())
             except (OSError, ValueError, KeyError):
                 return False
 
@@ -191,8 +194,9 @@ def test_a_killed_training_stage_resumes_from_its_last_epoch(tiny):
         child.wait()
     record = _records(tiny.work)["train-odmt"]
     assert record["status"] == "running" and record["inputs"]["train"]["epochs"] == 4
-    epochs_before = len(log.read_text().splitlines())
-    assert 1 <= epochs_before < 4
+    # the epochs the checkpoint holds (the log may have one more line: killed between log and checkpoint)
+    epochs_before = torch.load(log.parent / "checkpoint.pt", weights_only=True)["state"]["epoch"] + 1
+    assert 1 <= epochs_before < 4 and len(log.read_text().splitlines()) in (epochs_before, epochs_before + 1)
 
     resumed = odmt(*args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
