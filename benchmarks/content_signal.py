@@ -49,7 +49,7 @@ def main() -> None:
     from odmt_t4r.model.modality_store import ModalityStore, TokenLayout
     from odmt_t4r.training.data import PreparedData
     from odmt_t4r.training.evaluate import long_tail_items
-    from odmt_t4r.training.metrics import hr_ndcg, target_ranks
+    from odmt_t4r.training.metrics import RankingAccumulator
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default=str(Path(__file__).parent / "work"))
@@ -95,18 +95,11 @@ def main() -> None:
         batches.append((history, target, batch["seen"]))
 
     def report(score_fn) -> dict:
-        ranks, tails, shown = [], [], torch.zeros(n, dtype=torch.bool)
+        ranking = RankingAccumulator(ks=(10,), n_index=n)
         for history, target, seen in batches:
-            scores = score_fn(history)
-            ranks.append(target_ranks(scores, target, seen))
-            tails.append(tail[target])
-            scores[:, :3] = float("-inf")
-            scores.scatter_(1, seen.long(), float("-inf"))
-            shown[scores.topk(10, dim=1).indices.flatten()] = True
-        r, t = torch.cat(ranks), torch.cat(tails)
-        return {"NDCG@10": round(hr_ndcg(r, (10,))["NDCG@10"], 4), "coverage@10": round(shown.float().mean().item() * n / (n - 3), 4),
-                "longtail/NDCG@10": round(hr_ndcg(r[t], (10,))["NDCG@10"], 4),
-                "longtail/HR@10": round(hr_ndcg(r[t], (10,))["HR@10"], 4)}
+            ranking.update({"fused": score_fn(history)}, target, seen, tail[target])
+        metrics = ranking.compute()
+        return {k: round(metrics[k], 4) for k in ("NDCG@10", "coverage@10", "longtail/NDCG@10", "longtail/HR@10")}
 
     def similarity(emb: torch.Tensor):
         def score(history: torch.Tensor) -> torch.Tensor:
@@ -174,14 +167,13 @@ def generator_probability(catalog, cfg, latent_row, n: int):
     import numpy as np
     import torch
 
-    from odmt_t4r.data.fashion import CATEGORY_TRANSITIONS, STYLES, _text_vectors, _top_k
+    from odmt_t4r.data.fashion import CATEGORY_TRANSITIONS, STYLES, _text_vectors, neighbour_weights
 
     cat, style, pop = (torch.from_numpy(np.asarray(a)) for a in (catalog.category, catalog.style, catalog.pop))
     n_cat, n_styles, m = 10, len(STYLES), len(cat)
 
     def neighbour_matrix(emb: np.ndarray, temperature: float) -> torch.Tensor:  # [m m] rows sum to 1
-        idx, sim = _top_k(emb, cfg.n_neighbours)
-        weight = np.exp((sim - sim.max(axis=1, keepdims=True)) / temperature) * catalog.pop[idx] ** cfg.neighbour_pop_power
+        idx, weight = neighbour_weights(emb, catalog.pop, cfg, temperature)
         dense = np.zeros((m, m))
         np.put_along_axis(dense, idx, weight / weight.sum(axis=1, keepdims=True), axis=1)
         return torch.from_numpy(dense)

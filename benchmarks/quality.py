@@ -126,10 +126,11 @@ def effective_key(train: dict) -> str:
 
     from odmt_t4r.model import model_registry
 
-    cfg = {k: v for k, v in train.items() if k not in EXECUTION_ONLY and k not in ("extra", "model")
-           and not (k in NEUTRAL and v == NEUTRAL[k])}
-    model = {**cfg.pop("model_config"), **model_registry[train["model"]]}
-    model = {k: v for k, v in model.items() if k != "name" and not (k in NEUTRAL and v == NEUTRAL[k])}
+    def meaningful(d: dict, skip: tuple) -> dict:
+        return {k: v for k, v in d.items() if k not in skip and not (k in NEUTRAL and v == NEUTRAL[k])}
+
+    cfg = meaningful(train, (*EXECUTION_ONLY, "extra", "model"))
+    model = meaningful({**cfg.pop("model_config"), **model_registry[train["model"]]}, ("name",))
     return hashlib.sha256(json.dumps({**cfg, "model_config": model}, sort_keys=True).encode()).hexdigest()[:10]
 
 

@@ -107,19 +107,22 @@ def test_train_then_evaluate_writes_the_run_folder(data_dir, tmp_path):
     assert cli(train, ["--data", data_dir, "--out", run, "--config", config, "--epochs", 1]) == 2
 
 
-def test_resume_continues_exactly_where_an_interrupted_run_stopped(data_dir, tmp_path):
-    cfg = dict(FAST, model="odmt", epochs=3)
-    straight = train.train_run(train.TrainConfig.from_dict(cfg), data_dir, tmp_path / "a", log=lambda *_: None)
-
-    def killed_after_logging_epoch_2(message):  # after log.jsonl got epoch 2, before its checkpoint
+def interrupted_then_resumed(cfg: dict, data_dir, out) -> dict:
+    """Trains `cfg` into `out`, interrupted after log.jsonl got epoch 2 (before its checkpoint), then
+    resumes it; returns the resumed run's summary."""
+    def killed_after_logging_epoch_2(message):
         if message.startswith("epoch   2/"):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train.train_run(train.TrainConfig.from_dict(cfg), data_dir, tmp_path / "b", log=killed_after_logging_epoch_2)
-    resumed = train.train_run(train.TrainConfig.from_dict(cfg), data_dir, tmp_path / "b", resume=True,
-                              log=lambda *_: None)
-    assert resumed == straight
+        train.train_run(train.TrainConfig.from_dict(cfg), data_dir, out, log=killed_after_logging_epoch_2)
+    return train.train_run(train.TrainConfig.from_dict(cfg), data_dir, out, resume=True, log=lambda *_: None)
+
+
+def test_resume_continues_exactly_where_an_interrupted_run_stopped(data_dir, tmp_path):
+    cfg = dict(FAST, model="odmt", epochs=3)
+    straight = train.train_run(train.TrainConfig.from_dict(cfg), data_dir, tmp_path / "a", log=lambda *_: None)
+    assert interrupted_then_resumed(cfg, data_dir, tmp_path / "b") == straight
 
     def log(run):
         return [{k: r[k] for k in ("epoch", "losses", "kd_weight", "valid")}

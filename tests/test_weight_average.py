@@ -10,7 +10,7 @@ from odmt_t4r.training import train
 from odmt_t4r.training.averaging import WeightAverage
 from odmt_t4r.training.data import PreparedData
 from odmt_t4r.training.evaluate import evaluate_model
-from tests.test_training import FAST, data_dir  # noqa: F401 (data_dir: the same tiny prepared DIR fixture)
+from tests.test_training import FAST, data_dir, interrupted_then_resumed  # noqa: F401 (data_dir: the tiny prepared DIR fixture)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -58,15 +58,7 @@ def test_the_saved_model_holds_the_averaged_weights_and_resume_is_exact(data_dir
     valid = evaluate_model(model, PreparedData(data_dir), "valid")
     assert valid["NDCG@10"] == pytest.approx(straight["fusion"]["valid_NDCG@10"], abs=1e-6)
 
-    def killed_after_epoch_2(message):
-        if message.startswith("epoch   2/"):
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train.train_run(train.TrainConfig.from_dict(cfg), data_dir, tmp_path / "b", log=killed_after_epoch_2)
-    resumed = train.train_run(train.TrainConfig.from_dict(cfg), data_dir, tmp_path / "b", resume=True,
-                              log=lambda *_: None)
-    assert resumed == straight
+    assert interrupted_then_resumed(cfg, data_dir, tmp_path / "b") == straight
     b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["average"]["shadow"]
     assert all(torch.equal(shadow[k], b[k]) for k in shadow)
 

@@ -143,9 +143,15 @@ def _top_k(emb: np.ndarray, k: int, block: int = 1024) -> tuple[np.ndarray, np.n
     return idx, sim
 
 
-def _neighbour_sampler(emb: np.ndarray, pop: np.ndarray, cfg: FashionConfig, temperature: float) -> _Sampler:
+def neighbour_weights(emb: np.ndarray, pop: np.ndarray, cfg: FashionConfig, temperature: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each item's `n_neighbours` most similar items [n k] and their unnormalised draw weights [n k]:
+    exp(similarity / temperature) * popularity ** neighbour_pop_power."""
     idx, sim = _top_k(emb, cfg.n_neighbours)
-    weight = np.exp((sim - sim.max(axis=1, keepdims=True)) / temperature) * pop[idx] ** cfg.neighbour_pop_power
+    return idx, np.exp((sim - sim.max(axis=1, keepdims=True)) / temperature) * pop[idx] ** cfg.neighbour_pop_power
+
+
+def _neighbour_sampler(emb: np.ndarray, pop: np.ndarray, cfg: FashionConfig, temperature: float) -> _Sampler:
+    idx, weight = neighbour_weights(emb, pop, cfg, temperature)
     n = len(emb)
     return _Sampler(np.repeat(np.arange(n), idx.shape[1]), idx.ravel(), weight.ravel(), n)
 
