@@ -56,8 +56,19 @@ VARIANTS = {
     # weights averaged over about 2 epochs of steps (TrainConfig.average_epochs)
     "odmt-avg2": dict(average_epochs=2.0),
     "sasrec-avg2": dict(preset="sasrec", average_epochs=2.0),
+    "odmt-no-imt-avg2": dict(preset="odmt-no-imt", average_epochs=2.0),
+    # the learning rate x0.3 after 2 epochs without a valid improvement (TrainConfig.lr_plateau)
+    "odmt-plateau": dict(lr_plateau=2),
+    "sasrec-plateau": dict(preset="sasrec", lr_plateau=2),
     # each position's own item vector also scores the next item (OdmtConfig.item_to_item)
     "odmt-i2i": dict(item_to_item=0.5),
+}
+# Model selections (`odmt train --candidates`): name -> candidate entries that differ only in their preset.
+# Composed from the candidates' runs by the rule train uses (selection.choose on the final fused valid
+# NDCG@10), since `--candidates` trains each candidate exactly as it trains alone.
+SELECTIONS = {
+    "odmt-select": ("odmt", "odmt-no-imt"),
+    "odmt-select-avg2": ("odmt-avg2", "odmt-no-imt-avg2"),
 }
 from odmt_t4r.anchors import RECBOLE_ML100K  # noqa: E402  (RecBole 1.2.1, same split, re-scored)
 
@@ -101,7 +112,7 @@ def prepared(dataset: str, work: Path) -> Path:
 
 EXECUTION_ONLY = ("progress", "threads", "epochs", "nproc", "amp", "device")
 # settings added after runs were benchmarked: at these values they train what those runs trained
-NEUTRAL = {"average_epochs": 0.0, "item_to_item": 0.0}
+NEUTRAL = {"average_epochs": 0.0, "item_to_item": 0.0, "candidates": None, "lr_plateau": 0, "lr_decay": 0.3}
 
 
 def train_config(model: str, seed: int, epochs: int | None, patience: int | None):
@@ -178,6 +189,36 @@ def one_run(dataset: str, model: str, seed: int, data: Path, work: Path, epochs:
                    valid={k: v for k, v in valid.items() if isinstance(v, float)})
     done.write_text(json.dumps(metrics, indent=2, default=str))
     return metrics
+
+
+def trained(models: list[str]) -> list[str]:
+    """The entries to train: the plain ones asked for and every candidate of a selection asked for."""
+    out = []
+    for m in models:
+        for entry in SELECTIONS.get(m, (m,)):
+            if entry not in out:
+                out.append(entry)
+    return out
+
+
+def composed_selections(runs: list[dict], models: list[str]) -> list[dict]:
+    """A row per (dataset, selection, seed) whose candidates all finished: the candidate `odmt train
+    --candidates` would keep (best final fused valid NDCG@10, from its fusion.json), training time summed."""
+    from odmt_t4r.training.selection import choose
+
+    by_key = {(r["dataset"], r["model"], r["seed"]): r for r in runs}
+    out = []
+    for sel in (m for m in models if m in SELECTIONS):
+        for ds, seed in sorted({(r["dataset"], r["seed"]) for r in runs}):
+            rows = [by_key.get((ds, c, seed)) for c in SELECTIONS[sel]]
+            if None in rows:
+                continue
+            scores = {c: json.loads((Path(r["run"]) / "fusion.json").read_text())["valid_NDCG@10"]
+                      for c, r in zip(SELECTIONS[sel], rows)}
+            chosen = choose(scores)
+            out.append({**by_key[(ds, chosen, seed)], "model": sel, "chosen": chosen, "candidates": scores,
+                        "train_seconds": round(sum(r["train_seconds"] for r in rows), 1)})
+    return out
 
 
 def _logged_seconds(run: Path) -> float:
@@ -293,7 +334,7 @@ def _one_run_job(job: tuple) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", nargs="+", default=["ml-100k", "fashion"])
-    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=[*MODELS, *VARIANTS])
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=[*MODELS, *VARIANTS, *SELECTIONS])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--epochs", nargs="+", default=None,
                     help="epoch cap, the same for every model: N, or DATASET=N per dataset "
@@ -311,7 +352,7 @@ def main() -> None:
     for ds in args.datasets:
         data = prepared(ds, work)
         for seed in args.seeds:
-            jobs += [(ds, model, seed, data, work, caps[ds], args.patience) for model in args.models]
+            jobs += [(ds, model, seed, data, work, caps[ds], args.patience) for model in trained(args.models)]
     if args.report_only:
         done = [j for j in jobs if (run_dir(work, *j[:3], j[5], j[6]) / "metrics-test.json").is_file()]
         print(f"report only: {len(done)} of {len(jobs)} runs finished")
@@ -327,7 +368,8 @@ def main() -> None:
                 runs.append(_report(future.result()))
     else:
         runs = [_report(_one_run_job(j)) for j in jobs]
-    order = {m: i for i, m in enumerate([*MODELS, *VARIANTS])}
+    runs = [r for r in runs if r["model"] in args.models] + composed_selections(runs, args.models)
+    order = {m: i for i, m in enumerate([*MODELS, *VARIANTS, *SELECTIONS])}
     runs.sort(key=lambda r: (r["dataset"], order.get(r["model"], 99), r["seed"]))
     agg = aggregate(runs)
     goal = goals(agg)

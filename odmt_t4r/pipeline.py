@@ -243,6 +243,9 @@ def train_config(o: RunOptions, model: str):
     from odmt_t4r.training.train import TrainConfig, settings_from_args
 
     settings = settings_from_args(argparse.Namespace(config=o.config, model=None, seed=o.seed, no_progress=False))
+    if settings.get("candidates"):  # a selection is a RUN of its own (selection.py); the report compares two models
+        raise ValueError("--config sets candidates; odmt run trains --model and --baseline, choose them there "
+                         "(odmt train --candidates trains a model selection)")
     settings.update(model=model, epochs=o.epochs, progress=True)
     return TrainConfig.from_dict(settings).validate()
 

@@ -304,3 +304,14 @@ def test_feature_encoding_progress_is_plain_lines_off_a_terminal(tmp_path, capsy
     lines = [line for line in err.splitlines() if line.startswith("text features [toy-text], batches of 1 items: ")]
     assert [line.split(": ")[1].split(" ")[0] for line in lines] == ["1/4", "2/4", "3/4", "4/4"]
     assert "left)" in lines[0]  # the rate and the time left
+
+
+def test_a_config_that_asks_for_a_model_selection_is_refused(tmp_path, capsys):
+    from odmt_t4r.cli import main
+
+    config = tmp_path / "config.json"
+    config.write_text('{"candidates": ["odmt", "odmt-no-imt"]}')
+    assert main(["run", "--out", str(tmp_path / "work"), "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("odmt run: error: --config sets candidates"), err
+    assert not (tmp_path / "work").exists()

@@ -21,6 +21,9 @@ RUN/ holds:
                        weight average
     log.jsonl          one line per finished epoch: branch losses, KD weight, valid metrics, seconds
     fusion.json        every candidate fusion's validation metrics and the choice
+
+With `--candidates A B ...` each preset is trained so into RUN/candidates/<preset>/ and the one with the best
+validation score is copied into RUN; selection.json records the scores and the choice (selection.py).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from .averaging import WeightAverage
 from .data import PreparedData
 from .fusion import choose_fusion, evaluate_fusions, select_fusion
 from .progress import progress_bar
+from .selection import read_selection, train_candidates
 
 from odmt_t4r.contract import RUN_FORMAT  # noqa: E402
 SUMMARY = "summary.json"  # a multi-process run's summary, left by rank 0 for the launcher
@@ -62,6 +66,9 @@ class TrainConfig:
 
     model: str = "odmt"
     model_config: OdmtConfig = field(default_factory=OdmtConfig)
+    # presets trained with these same settings into RUN/candidates/; RUN keeps the one with the best
+    # validation score (selection.py); None = train `model` alone
+    candidates: list[str] | None = None
     # optimisation
     lr: float = 1e-3
     weight_decay: float = 0.1
@@ -71,6 +78,10 @@ class TrainConfig:
     # a ceiling, not the schedule: early stopping ends runs (the KD ramp is a fraction of this budget)
     epochs: int = 100
     patience: int = 5  # epochs in which neither the fused score nor any branch improved on valid NDCG@10
+    # after this many such epochs the learning rate is multiplied by lr_decay (again at each later plateau
+    # of that length), so a run settles before patience ends it; 0 = a constant learning rate
+    lr_plateau: int = 0
+    lr_decay: float = 0.3
     grad_clip: float = 5.0
     # evaluate, keep and serve an exponential moving average of the weights over about this many epochs
     # of steps (averaging.py); 0 = the last step's weights
@@ -98,11 +109,18 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         if self.model not in model_registry:
             raise ValueError(f"unknown model '{self.model}'; choose one of {sorted(model_registry)}")
+        if self.candidates is not None:
+            unknown = [c for c in self.candidates if c not in model_registry]
+            if unknown or len(set(self.candidates)) != len(self.candidates) or len(self.candidates) < 2:
+                raise ValueError(f"candidates must be at least two different presets of {sorted(model_registry)}, "
+                                 f"got {self.candidates}")
         for name in ("epochs", "batch_size", "eval_batch_size", "patience", "threads", "nproc"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.average_epochs >= 0:
             raise ValueError(f"average_epochs must be >= 0, got {self.average_epochs}")
+        if self.lr_plateau < 0 or not 0 < self.lr_decay <= 1:
+            raise ValueError(f"need lr_plateau >= 0 and 0 < lr_decay <= 1, got {self.lr_plateau}, {self.lr_decay}")
         if not self.lr > 0 or self.weight_decay < 0:
             raise ValueError(f"need lr > 0 and weight_decay >= 0, got lr={self.lr}, weight_decay={self.weight_decay}")
         if not 0 < self.fusion_step <= 0.5:
@@ -227,6 +245,8 @@ def train_run(cfg: TrainConfig, data_dir: str | os.PathLike, out: str | os.PathL
     """Train into `out`; returns {"best_epoch", "best": valid metrics, "epochs_run", "stopped", "fusion"}.
     With `resume`, the RUN's saved TrainConfig is used (only `epochs` and `progress` may change)."""
     out = Path(out)
+    if cfg.candidates or (resume and read_selection(out) is not None):
+        return train_candidates(cfg, data_dir, out, resume, epochs, log, train_run)
     if _check_out(out, resume):
         log(f"{out} was stopped before its first epoch finished: starting it again")
         for p in out.iterdir():
@@ -365,8 +385,10 @@ def _train(cfg: TrainConfig, data_dir, out: Path, resume: bool, ckpt_path: Path,
             bar.set_postfix(loss=f"{outputs['loss'].item():.3f}")
         losses = {k: v / max(1, n_batches) for k, v in sums.items()}
         train_seconds = time.perf_counter() - t0
-        if not ranks.main:  # rank 0 evaluates and decides; the others wait for its verdict
-            state["epoch"], state["stopped"] = epoch, ranks.share(None)
+        if not ranks.main:  # rank 0 evaluates and decides; the others wait for its verdict and learning rate
+            state["epoch"], (state["stopped"], lr) = epoch, ranks.share(None)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             continue
         with average.applied(model) if average is not None else contextlib.nullcontext():
             results = evaluate_fusions(model, data, "valid", step=cfg.epoch_fusion_step, batch_size=cfg.eval_batch_size)
@@ -385,6 +407,11 @@ def _train(cfg: TrainConfig, data_dir, out: Path, resume: bool, ckpt_path: Path,
         state["bad_epochs"] = 0 if (improved or branch_improved) else state["bad_epochs"] + 1
         state["epoch"] = epoch
         state["stopped"] = state["bad_epochs"] >= cfg.patience
+        if cfg.lr_plateau and state["bad_epochs"] == cfg.lr_plateau and not state["stopped"]:
+            for group in optimizer.param_groups:  # the optimizer's state (so the checkpoint) keeps the new rate
+                group["lr"] *= cfg.lr_decay
+            log(f"no valid improvement for {cfg.lr_plateau} epochs: learning rate x{cfg.lr_decay} -> "
+                f"{optimizer.param_groups[0]['lr']:.2e}")
 
         record = {"epoch": epoch + 1, "losses": losses, "kd_weight": kd_w, "valid": metrics,
                   "fusion": choice["name"], "improved": improved, "branches_improved": branch_improved,
@@ -403,7 +430,7 @@ def _train(cfg: TrainConfig, data_dir, out: Path, resume: bool, ckpt_path: Path,
                       "torch_rng": torch.get_rng_state(), "data_sha256": run_info["data"]["manifest_sha256"]}
         atomic_write(ckpt_path, lambda tmp: torch.save(checkpoint, tmp))
         fault_point("train-after-checkpoint")
-        ranks.share(state["stopped"])
+        ranks.share((state["stopped"], optimizer.param_groups[0]["lr"]))
         if state["stopped"]:
             log(f"early stop: neither the fused score nor any branch improved valid NDCG@10 for {cfg.patience} epochs")
 

@@ -1,0 +1,92 @@
+"""Choosing the model on the validation split: `odmt train --candidates odmt odmt-no-imt`.
+
+Each candidate preset is trained with the same settings (seed, budget, every field) into
+RUN/candidates/<preset>/, a whole RUN of its own that resumes like any other. The candidate whose final
+fused validation NDCG@10 is best is copied into RUN (ties go to the earlier candidate), so RUN is a whole
+RUN of the chosen preset and every later command reads it as usual. RUN/selection.json records the
+settings, every candidate's validation score and the choice; it is written before training (so a killed
+selection resumes with `--resume`) and holds the choice only once the copy is complete.
+
+Why: the ID-aware multi-modal transformer (the paper's item tower) leads on some catalogs and independent
+per-modality projections on others (README, Quality); the validation split can tell which, per catalog.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from odmt_t4r.output_folder import atomic_write
+
+CANDIDATES = "candidates"
+SELECTION = "selection.json"
+SELECTION_FORMAT = "odmt-selection/1"
+CHOSEN_FILES = ("config.json", "model.pt", "item_vectors.pt", "fusion.json", "log.jsonl")
+
+
+def choose(scores: dict[str, float]) -> str:
+    """The candidate with the best validation score; ties go to the one listed first."""
+    if not scores:
+        raise ValueError("no candidates to choose from")
+    return max(scores, key=lambda name: (scores[name], -list(scores).index(name)))
+
+
+def read_selection(run: str | os.PathLike) -> dict | None:
+    """RUN/selection.json, or None when RUN is not a selection (or the file is not ours)."""
+    try:
+        saved = json.loads((Path(run) / SELECTION).read_text())
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) and saved.get("format") == SELECTION_FORMAT else None
+
+
+def train_candidates(cfg, data_dir, out: Path, resume: bool, epochs: int | None, log, train_one) -> dict | None:
+    """Train every candidate of `cfg` (a TrainConfig with `candidates`) into out/candidates/ and keep the best
+    on validation. `train_one` is train_run. Returns the chosen candidate's summary plus "chosen" and
+    "candidates" (name -> valid NDCG@10); None on the ranks of a torchrun group other than 0."""
+    from . import distributed
+    from .train import TrainConfig
+
+    ranks = distributed.from_environment() or distributed.Ranks()
+    saved = read_selection(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a folder")
+    if saved is not None:
+        if not resume:
+            raise FileExistsError(f"{out} already holds a model selection; pass --resume or choose another --out")
+        cfg = TrainConfig.from_dict({**saved["train"], "progress": cfg.progress})
+    elif out.is_dir() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty and holds no resumable model selection; choose another --out "
+                              "(train never overwrites a folder it cannot resume)")
+    if epochs is not None:
+        cfg.epochs = epochs
+    cfg.validate()
+    names = list(cfg.candidates)
+    if ranks.main:
+        out.mkdir(parents=True, exist_ok=True)
+        if saved is None:
+            atomic_write(out / SELECTION, _payload(cfg, {n: None for n in names}, None))
+    summaries = {}
+    for i, name in enumerate(names):
+        one = TrainConfig.from_dict({**cfg.to_dict(), "model": name, "candidates": None})
+        log(f"candidate {i + 1}/{len(names)}: {name}")
+        # our own sub-RUNs: resume a finished or interrupted one, start a new or never-checkpointed one
+        summaries[name] = train_one(one, data_dir, out / CANDIDATES / name, resume=True, epochs=cfg.epochs,
+                                    log=lambda m, name=name: log(f"[{name}] {m}"))
+    if not ranks.main:
+        return None
+    scores = {name: float(s["fusion"]["valid_NDCG@10"]) for name, s in summaries.items()}
+    chosen = choose(scores)
+    for f in CHOSEN_FILES:  # the chosen RUN's files, then the choice: a reader never sees a half-copied RUN as done
+        src = out / CANDIDATES / chosen / f
+        atomic_write(out / f, lambda tmp, src=src: shutil.copyfile(src, tmp))
+    atomic_write(out / SELECTION, _payload(cfg, scores, chosen))
+    log(f"chose {chosen} on validation: " + ", ".join(f"{n} {s:.4f}" for n, s in scores.items()))
+    return {**summaries[chosen], "chosen": chosen, "candidates": scores}
+
+
+def _payload(cfg, scores: dict, chosen: str | None) -> str:
+    return json.dumps({"format": SELECTION_FORMAT, "train": cfg.to_dict(), "metric": "valid NDCG@10 (fused)",
+                       "candidates": scores, "chosen": chosen}, indent=2, default=str) + "\n"
