@@ -10,8 +10,10 @@ Item indices: PAD 0, NULL 1, OOV 2, then the catalog from RESERVED_ROWS on.
 
 RUN folder (`odmt train`): config.json with `format` RUN_FORMAT (a model saved on its own carries
 MODEL_FORMAT) and `data.dir`, the prepared DIR it was trained on; model.pt, item_vectors.pt, checkpoint.pt,
-log.jsonl, fusion.json. A RUN written by `odmt add-items` is a whole RUN too: its config.json names its
-`parent_run`, and ADDED_ITEMS lists the items appended after the prepared DIR's catalog (item_id,
+log.jsonl, fusion.json. A RUN of `odmt train --candidates` is the chosen candidate's RUN (its config.json,
+model.pt, item_vectors.pt, fusion.json, log.jsonl copied) plus CANDIDATES/<preset>/, one RUN per candidate,
+and SELECTION (`format` SELECTION_FORMAT: the settings, each candidate's valid score, the choice).
+A RUN written by `odmt add-items` is a whole RUN too: its config.json names its `parent_run`, and ADDED_ITEMS lists the items appended after the prepared DIR's catalog (item_id,
 item_idx from the DIR's last index on); `run_item_ids` is index -> raw ID over both.
 
 Sessions are cut to their LAST `max_length` items and right-padded with PAD (`last_items`): the same rule
@@ -30,6 +32,9 @@ import numpy as np
 PREPARED_FORMAT = "odmt-prepared/1"
 RUN_FORMAT = "odmt-run/1"
 MODEL_FORMAT = "odmt-model/1"
+SELECTION_FORMAT = "odmt-selection/1"
+SELECTION = "selection.json"  # RUN file of a model selection (training/selection.py)
+CANDIDATES = "candidates"  # RUN folder of a model selection's candidate RUNs
 
 ITEM_LIST = "item_id-list"  # a split row: the history items, ending with the target
 SEEN_LIST = "seen-list"  # every item of the user before the target (the evaluation's exclusion)

@@ -18,11 +18,9 @@ import os
 import shutil
 from pathlib import Path
 
+from odmt_t4r.contract import CANDIDATES, SELECTION, SELECTION_FORMAT
 from odmt_t4r.output_folder import atomic_write
 
-CANDIDATES = "candidates"
-SELECTION = "selection.json"
-SELECTION_FORMAT = "odmt-selection/1"
 CHOSEN_FILES = ("config.json", "model.pt", "item_vectors.pt", "fusion.json", "log.jsonl")
 
 
