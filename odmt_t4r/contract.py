@@ -13,8 +13,9 @@ MODEL_FORMAT) and `data.dir`, the prepared DIR it was trained on; model.pt, item
 log.jsonl, fusion.json. A RUN of `odmt train --candidates` is the chosen candidate's RUN (its config.json,
 model.pt, item_vectors.pt, fusion.json, log.jsonl copied) plus CANDIDATES/<preset>/, one RUN per candidate,
 and SELECTION (`format` SELECTION_FORMAT: the settings, each candidate's valid score, the choice).
-A RUN written by `odmt add-items` is a whole RUN too: its config.json names its `parent_run`, and ADDED_ITEMS lists the items appended after the prepared DIR's catalog (item_id,
-item_idx from the DIR's last index on); `run_item_ids` is index -> raw ID over both.
+A RUN written by `odmt add-items` is a whole RUN too: its config.json names its `parent_run`, and
+ADDED_ITEMS lists the items appended after the prepared DIR's catalog (item_id, item_idx from the DIR's
+last index on); `run_item_ids` is index -> raw ID over both.
 
 Sessions are cut to their LAST `max_length` items and right-padded with PAD (`last_items`): the same rule
 in training batches, evaluation, and the served graph.
