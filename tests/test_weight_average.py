@@ -71,3 +71,26 @@ def test_the_saved_model_holds_the_averaged_weights_and_resume_is_exact(data_dir
     with pytest.raises(ValueError, match="without weight averaging"):
         train.train_run(train.TrainConfig.from_dict(plain), data_dir, tmp_path / "c", resume=True, epochs=2,
                         log=lambda *_: None)
+
+
+def test_average_select_keeps_whichever_of_the_raw_and_averaged_weights_scores_better(data_dir, tmp_path):
+    def valid_log(**extra):
+        cfg = dict(FAST, model="odmt", epochs=4, **extra)
+        out = tmp_path / "-".join(f"{k}{v}" for k, v in extra.items())
+        summary = train.train_run(train.TrainConfig.from_dict(cfg), data_dir, out, log=lambda *_: None)
+        return summary, out, [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+    _, _, raw = valid_log()
+    _, _, averaged = valid_log(average_epochs=0.5)
+    summary, out, both = valid_log(average_epochs=0.5, average_select=True)
+    # averaging never changes the optimizer's path: the selecting run scores both runs' weights each epoch
+    for r, a, b in zip(raw, averaged, both):
+        better = "average" if a["valid"]["NDCG@10"] > r["valid"]["NDCG@10"] else "raw"
+        assert b["weights"] == better and b["valid"]["NDCG@10"] == max(r["valid"]["NDCG@10"], a["valid"]["NDCG@10"])
+    assert {r["weights"] for r in raw} == {"raw"} and {a["weights"] for a in averaged} == {"average"}
+    # the saved model is the kept epoch's kept weights
+    saved = evaluate_model(OdmtRecommender.from_pretrained(out, data_dir=data_dir), PreparedData(data_dir), "valid")
+    assert saved["NDCG@10"] == pytest.approx(summary["fusion"]["valid_NDCG@10"])
+    assert summary["best"]["NDCG@10"] == pytest.approx(max(b["valid"]["NDCG@10"] for b in both))
+    with pytest.raises(ValueError, match="average_select needs average_epochs"):
+        train.TrainConfig.from_dict({"average_select": True}).validate()

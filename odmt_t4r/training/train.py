@@ -86,6 +86,9 @@ class TrainConfig:
     # evaluate, keep and serve an exponential moving average of the weights over about this many epochs
     # of steps (averaging.py); 0 = the last step's weights
     average_epochs: float = 0.0
+    # with average_epochs: score the raw weights beside the averaged ones after every epoch and keep
+    # whichever is better on validation (averaging helps on some catalogs and not on others)
+    average_select: bool = False
     seed: int = 42
     fusion_step: float = 0.1  # weight grid of the final fusion choice (twice as coarse after each epoch)
     # torch CPU threads. 1 by default: on a shared 2-core box two OpenMP threads were 10x slower per step
@@ -119,6 +122,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.average_epochs >= 0:
             raise ValueError(f"average_epochs must be >= 0, got {self.average_epochs}")
+        if self.average_select and not self.average_epochs:
+            raise ValueError("average_select needs average_epochs > 0 (there is no average to choose)")
         if self.lr_plateau < 0 or not 0 < self.lr_decay <= 1:
             raise ValueError(f"need lr_plateau >= 0 and 0 < lr_decay <= 1, got {self.lr_plateau}, {self.lr_decay}")
         if not self.lr > 0 or self.weight_decay < 0:
@@ -390,19 +395,31 @@ def _train(cfg: TrainConfig, data_dir, out: Path, resume: bool, ckpt_path: Path,
             for group in optimizer.param_groups:
                 group["lr"] = lr
             continue
-        with average.applied(model) if average is not None else contextlib.nullcontext():
-            results = evaluate_fusions(model, data, "valid", step=cfg.epoch_fusion_step, batch_size=cfg.eval_batch_size)
-            metrics, choice = _valid_metrics(results, branches)
-            improved = metrics["NDCG@10"] > state["best_metric"]
-            if improved:
+        views = {}  # the weights scored this epoch: raw, averaged, or both (average_select)
+        if average is None or cfg.average_select:
+            views["raw"] = contextlib.nullcontext
+        if average is not None:
+            views["average"] = lambda: average.applied(model)
+        scored = {}
+        for view, holding in views.items():
+            with holding():
+                results = evaluate_fusions(model, data, "valid", step=cfg.epoch_fusion_step,
+                                           batch_size=cfg.eval_batch_size)
+                scored[view] = _valid_metrics(results, branches)
+        view = max(scored, key=lambda v: scored[v][0]["NDCG@10"])  # a tie keeps the raw weights
+        metrics, choice = scored[view]
+        improved = metrics["NDCG@10"] > state["best_metric"]
+        if improved:
+            with views[view]():
                 state.update(best_metric=metrics["NDCG@10"], best_epoch=epoch, best=metrics)
                 model.set_fusion(choice["weights"], choice["scores"])
                 model.save_pretrained(out, extra=run_info)
         seconds = time.perf_counter() - t0
 
-        branch_improved = [b for b in branches if metrics[f"{b}/NDCG@10"] > state["branch_best"].get(b, -math.inf)]
+        branch_scores = {b: max(m[f"{b}/NDCG@10"] for m, _ in scored.values()) for b in branches}
+        branch_improved = [b for b in branches if branch_scores[b] > state["branch_best"].get(b, -math.inf)]
         for b in branch_improved:
-            state["branch_best"][b] = metrics[f"{b}/NDCG@10"]
+            state["branch_best"][b] = branch_scores[b]
         # a run ends only when neither the fused score nor any branch is still improving
         state["bad_epochs"] = 0 if (improved or branch_improved) else state["bad_epochs"] + 1
         state["epoch"] = epoch
@@ -414,14 +431,16 @@ def _train(cfg: TrainConfig, data_dir, out: Path, resume: bool, ckpt_path: Path,
                 f"{optimizer.param_groups[0]['lr']:.2e}")
 
         record = {"epoch": epoch + 1, "losses": losses, "kd_weight": kd_w, "valid": metrics,
-                  "fusion": choice["name"], "improved": improved, "branches_improved": branch_improved,
+                  "fusion": choice["name"], "weights": view, "improved": improved,
+                  "branches_improved": branch_improved,
                   "train_seconds": round(train_seconds, 2), "seconds": round(seconds, 2)}
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         per_branch = " ".join(f"{b} {metrics[f'{b}/NDCG@10']:.4f}" for b in branches)
         branch_losses = " ".join(f"{k} {v:.3f}" for k, v in losses.items() if k != "loss")
+        weights = f" {view} weights" if len(views) > 1 else ""
         log(f"epoch {epoch + 1:>3}/{cfg.epochs} loss {losses['loss']:.3f} [{branch_losses}] kd_w {kd_w:.3f} | "
-            f"valid NDCG@10 {metrics['NDCG@10']:.4f} ({choice['name']}; mean {metrics['mean/NDCG@10']:.4f}; "
+            f"valid NDCG@10 {metrics['NDCG@10']:.4f} ({choice['name']}{weights}; mean {metrics['mean/NDCG@10']:.4f}; "
             f"{per_branch}){' *' if improved else ''} | {seconds:.1f}s")
 
         fault_point("train-before-checkpoint")
