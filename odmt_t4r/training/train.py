@@ -416,10 +416,17 @@ def _train(cfg: TrainConfig, data_dir, out: Path, resume: bool, ckpt_path: Path,
                 model.save_pretrained(out, extra=run_info)
         seconds = time.perf_counter() - t0
 
-        branch_scores = {b: max(m[f"{b}/NDCG@10"] for m, _ in scored.values()) for b in branches}
-        branch_improved = [b for b in branches if branch_scores[b] > state["branch_best"].get(b, -math.inf)]
-        for b in branch_improved:
-            state["branch_best"][b] = branch_scores[b]
+        # each view's branches, and its fused score when both views are scored, against that view's own best:
+        # the run goes on while either view would have gone on alone
+        tracked = {}
+        for v, (m, _) in scored.items():
+            prefix = "" if len(scored) == 1 else f"{v}:"
+            tracked.update({prefix + b: m[f"{b}/NDCG@10"] for b in branches})
+            if prefix:
+                tracked[prefix + "fused"] = m["NDCG@10"]
+        branch_improved = [k for k, score in tracked.items() if score > state["branch_best"].get(k, -math.inf)]
+        for k in branch_improved:
+            state["branch_best"][k] = tracked[k]
         # a run ends only when neither the fused score nor any branch is still improving
         state["bad_epochs"] = 0 if (improved or branch_improved) else state["bad_epochs"] + 1
         state["epoch"] = epoch
