@@ -251,14 +251,14 @@ def train_config(o: RunOptions, model: str):
 
 
 def check_options(o: RunOptions) -> None:
-    from odmt_t4r.model import model_registry
+    from odmt_t4r.training.train import MODEL_CHOICES
 
     for name in ("epochs", "sessions", "k"):
         if getattr(o, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(o, name)}")
     for flag, name in (("--model", o.model), ("--baseline", o.baseline)):
-        if name not in model_registry:
-            raise ValueError(f"{flag} {name!r} is not a model; choose one of {sorted(model_registry)}")
+        if name not in MODEL_CHOICES:
+            raise ValueError(f"{flag} {name!r} is not a model; choose one of {MODEL_CHOICES}")
     if o.model == o.baseline:
         raise ValueError(f"--model and --baseline are both {o.model!r}; the report compares two models")
 
@@ -285,11 +285,13 @@ def _remove_run(run_dir: Path) -> None:
     """Clears a RUN that `odmt run` trained earlier, before training it again from scratch."""
     if not run_dir.exists():
         return
+    from odmt_t4r.training.selection import read_selection
+
     try:
         fmt = json.loads((run_dir / "config.json").read_text()).get("format")
     except (OSError, ValueError):
         fmt = None
-    if not (fmt or "").startswith("odmt-") and any(run_dir.iterdir()):
+    if not (fmt or "").startswith("odmt-") and read_selection(run_dir) is None and any(run_dir.iterdir()):
         raise ValueError(f"{run_dir} holds files that are not an odmt training run; move them away")
     shutil.rmtree(run_dir)
 
@@ -297,11 +299,16 @@ def _remove_run(run_dir: Path) -> None:
 def _resumable(run_dir: Path, cfg, data_sha256: str | None) -> bool:
     """RUN holds a checkpoint of training with exactly these settings on this data (a stage killed before it
     cleared an older RUN must not resume that one)."""
+    from odmt_t4r.training.selection import read_selection
+
+    same = lambda d: {k: v for k, v in json.loads(json.dumps(d, default=str)).items() if k != "progress"}  # noqa: E731
+    selection = read_selection(run_dir)
+    if selection is not None:  # a model selection: its candidates resume from their own checkpoints
+        return same(selection["train"]) == same(cfg.to_dict()) and selection.get("data_sha256") == data_sha256
     try:
         saved = json.loads((run_dir / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    same = lambda d: {k: v for k, v in json.loads(json.dumps(d, default=str)).items() if k != "progress"}  # noqa: E731
     return ((run_dir / "checkpoint.pt").is_file() and same(saved.get("train", {})) == same(cfg.to_dict())
             and saved.get("data", {}).get("manifest_sha256") == data_sha256)
 

@@ -1,6 +1,7 @@
 """`odmt train --candidates`: every candidate trained as on its own, the best on validation kept whole."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -79,3 +80,43 @@ def test_a_selection_folder_is_not_overwritten_and_bad_candidates_are_refused(da
         assert err.startswith("odmt train: error: candidates must be at least two different presets"), err
     assert not (tmp_path / "x").exists()
     assert (out / SELECTION).is_file()
+
+
+def test_odmt_auto_is_a_named_selection_whose_settings_win(data_dir, tmp_path):
+    cfg = train.TrainConfig.from_dict(dict(FAST, model="odmt-auto", epochs=2, average_epochs=0.0))
+    assert cfg.candidates == ["odmt", "odmt-no-imt"] and cfg.average_epochs == 2.0 and cfg.average_select
+    summary = train.train_run(cfg, data_dir, tmp_path / "auto", log=quiet)
+    assert summary["chosen"] in PAIR and set(summary["candidates"]) == set(PAIR)
+    for name in PAIR:  # each candidate trained with the selection's weight averaging
+        trained = json.loads((tmp_path / "auto" / CANDIDATES / name / "config.json").read_text())["train"]
+        assert trained["model"] == name and trained["average_select"] and trained["candidates"] is None
+    assert read_selection(tmp_path / "auto")["train"]["model"] == "odmt-auto"
+
+
+def test_a_selection_on_other_data_is_not_resumed(data_dir, tmp_path):
+    from tests.synthetic import make_synthetic_prepared
+
+    cfg = dict(FAST, epochs=1, candidates=PAIR)
+    train.train_run(train.TrainConfig.from_dict(cfg), data_dir, tmp_path / "sel", log=quiet)
+    other = make_synthetic_prepared(tmp_path / "other", n_users=30, n_items=18, max_length=6, text_tokens=5,
+                                    image_tokens=4, text_dim=24, image_dim=32, jump=0.05)
+    with pytest.raises(ValueError, match="other prepared data"):
+        train.train_run(train.TrainConfig.from_dict(cfg), other, tmp_path / "sel", resume=True, log=quiet)
+
+
+def test_odmt_run_resumes_a_selection_with_the_same_settings_and_clears_one_killed_early(data_dir, tmp_path):
+    from odmt_t4r import pipeline
+    from odmt_t4r.model.prepared import read_prepared
+
+    cfg = train.TrainConfig.from_dict(dict(FAST, model="odmt-auto", epochs=1))
+    sha = read_prepared(data_dir).manifest_sha256
+    run = tmp_path / "runs" / "odmt-auto"
+    train.train_run(cfg, data_dir, run, log=quiet)
+    assert pipeline._resumable(run, cfg, sha)
+    assert not pipeline._resumable(run, train.TrainConfig.from_dict(dict(FAST, model="odmt-auto", epochs=1,
+                                                                         seed=7)), sha)
+    assert not pipeline._resumable(run, cfg, "another manifest")
+    for f in [p for p in run.iterdir() if p.name != SELECTION]:  # as if killed before the first candidate
+        shutil.rmtree(f) if f.is_dir() else f.unlink()
+    pipeline._remove_run(run)  # a selection folder is the project's own: cleared, not refused
+    assert not run.exists()

@@ -19,9 +19,20 @@ import shutil
 from pathlib import Path
 
 from odmt_t4r.contract import CANDIDATES, SELECTION, SELECTION_FORMAT
+from odmt_t4r.model.prepared import read_prepared
 from odmt_t4r.output_folder import atomic_write
 
 CHOSEN_FILES = ("config.json", "model.pt", "item_vectors.pt", "fusion.json", "log.jsonl")
+# named selections, `--model NAME`: the settings that define them win over the user's (as a preset's do)
+SELECTION_PRESETS: dict[str, dict] = {
+    # the item tower and raw or averaged weights, all chosen on validation (README, Quality)
+    "odmt-auto": dict(candidates=["odmt", "odmt-no-imt"], average_epochs=2.0, average_select=True),
+}
+
+
+def with_preset(settings: dict) -> dict:
+    """TrainConfig fields with a named selection's defining settings applied (unchanged for other models)."""
+    return {**settings, **SELECTION_PRESETS.get(settings.get("model"), {})}
 
 
 def choose(scores: dict[str, float]) -> str:
@@ -62,13 +73,17 @@ def train_candidates(cfg, data_dir, out: Path, resume: bool, epochs: int | None,
         cfg.epochs = epochs
     cfg.validate()
     names = list(cfg.candidates)
+    candidate_settings = {k: v for k, v in cfg.to_dict().items() if k != "candidates"}
+    data_sha256 = read_prepared(data_dir).manifest_sha256
+    if saved is not None and saved.get("data_sha256") != data_sha256:
+        raise ValueError(f"{out} was trained on other prepared data (manifest hash differs); cannot resume")
     if ranks.main:
         out.mkdir(parents=True, exist_ok=True)
         if saved is None:
-            atomic_write(out / SELECTION, _payload(cfg, {n: None for n in names}, None))
+            atomic_write(out / SELECTION, _payload(cfg, data_sha256, {n: None for n in names}, None))
     summaries = {}
     for i, name in enumerate(names):
-        one = TrainConfig.from_dict({**cfg.to_dict(), "model": name, "candidates": None})
+        one = TrainConfig.from_dict({**candidate_settings, "model": name})
         log(f"candidate {i + 1}/{len(names)}: {name}")
         # our own sub-RUNs: resume a finished or interrupted one, start a new or never-checkpointed one
         summaries[name] = train_one(one, data_dir, out / CANDIDATES / name, resume=True, epochs=cfg.epochs,
@@ -80,11 +95,12 @@ def train_candidates(cfg, data_dir, out: Path, resume: bool, epochs: int | None,
     for f in CHOSEN_FILES:  # the chosen RUN's files, then the choice: a reader never sees a half-copied RUN as done
         src = out / CANDIDATES / chosen / f
         atomic_write(out / f, lambda tmp, src=src: shutil.copyfile(src, tmp))
-    atomic_write(out / SELECTION, _payload(cfg, scores, chosen))
+    atomic_write(out / SELECTION, _payload(cfg, data_sha256, scores, chosen))
     log(f"chose {chosen} on validation: " + ", ".join(f"{n} {s:.4f}" for n, s in scores.items()))
     return {**summaries[chosen], "chosen": chosen, "candidates": scores}
 
 
-def _payload(cfg, scores: dict, chosen: str | None) -> str:
-    return json.dumps({"format": SELECTION_FORMAT, "train": cfg.to_dict(), "metric": "valid NDCG@10 (fused)",
-                       "candidates": scores, "chosen": chosen}, indent=2, default=str) + "\n"
+def _payload(cfg, data_sha256: str, scores: dict, chosen: str | None) -> str:
+    return json.dumps({"format": SELECTION_FORMAT, "train": cfg.to_dict(), "data_sha256": data_sha256,
+                       "metric": "valid NDCG@10 (fused)", "candidates": scores, "chosen": chosen},
+                      indent=2, default=str) + "\n"

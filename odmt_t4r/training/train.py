@@ -52,7 +52,9 @@ from .averaging import WeightAverage
 from .data import PreparedData
 from .fusion import choose_fusion, evaluate_fusions, select_fusion
 from .progress import progress_bar
-from .selection import read_selection, train_candidates
+from .selection import SELECTION_PRESETS, read_selection, train_candidates, with_preset
+
+MODEL_CHOICES = sorted([*model_registry, *SELECTION_PRESETS])  # a preset, or a named model selection
 
 from odmt_t4r.contract import RUN_FORMAT  # noqa: E402
 SUMMARY = "summary.json"  # a multi-process run's summary, left by rank 0 for the launcher
@@ -110,8 +112,8 @@ class TrainConfig:
         return 2 * self.fusion_step if 2 * self.fusion_step <= 0.5 else self.fusion_step
 
     def validate(self) -> "TrainConfig":
-        if self.model not in model_registry:
-            raise ValueError(f"unknown model '{self.model}'; choose one of {sorted(model_registry)}")
+        if self.model not in MODEL_CHOICES:
+            raise ValueError(f"unknown model '{self.model}'; choose one of {MODEL_CHOICES}")
         if self.candidates is not None:
             unknown = [c for c in self.candidates if c not in model_registry]
             if unknown or len(set(self.candidates)) != len(self.candidates) or len(self.candidates) < 2:
@@ -159,7 +161,7 @@ class TrainConfig:
         unknown = sorted(set(d) - own - model_keys) + sorted(set(nested) - model_keys)
         if unknown:
             raise ValueError(f"unknown training config keys {unknown}; known: {sorted(own | model_keys)}")
-        top = {k: _typed(cls, k, v) for k, v in d.items() if k in own and k != "model_config"}
+        top = {k: _typed(cls, k, v) for k, v in with_preset(d).items() if k in own and k != "model_config"}
         model = {k: _typed(OdmtConfig, k, v) for k, v in {**nested, **flat_model}.items()}
         return cls(**top, model_config=OdmtConfig(**model))
 
@@ -250,6 +252,7 @@ def train_run(cfg: TrainConfig, data_dir: str | os.PathLike, out: str | os.PathL
     """Train into `out`; returns {"best_epoch", "best": valid metrics, "epochs_run", "stopped", "fusion"}.
     With `resume`, the RUN's saved TrainConfig is used (only `epochs` and `progress` may change)."""
     out = Path(out)
+    cfg = TrainConfig.from_dict(cfg.to_dict())  # a named selection's settings applied
     if cfg.candidates or (resume and read_selection(out) is not None):
         return train_candidates(cfg, data_dir, out, resume, epochs, log, train_run)
     if _check_out(out, resume):
@@ -524,7 +527,8 @@ def _flag_fields():
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="a prepared DIR (odmt prepare)")
-    p.add_argument("--model", choices=sorted(model_registry), default=None, help="default: odmt")
+    p.add_argument("--model", choices=MODEL_CHOICES, default=None,
+                   help="default: odmt; odmt-auto: odmt and odmt-no-imt trained alike, the best on validation kept")
     p.add_argument("--out", required=True, help="the RUN folder")
     p.add_argument("--config", default=None, help="JSON file of TrainConfig fields (model fields flat or "
                                                   "under model_config); flags win over it")
