@@ -74,7 +74,7 @@ VARIANTS = {
 SELECTIONS = {
     "odmt-select": ("odmt", "odmt-no-imt"),
     "odmt-select-avg2": ("odmt-avg2", "odmt-no-imt-avg2"),
-    "odmt-select-avgsel": ("odmt-avgsel", "odmt-no-imt-avgsel"),
+    "odmt-auto": ("odmt-avgsel", "odmt-no-imt-avgsel"),  # `--model odmt-auto` (checked in same_as_train)
 }
 from odmt_t4r.anchors import RECBOLE_ML100K  # noqa: E402  (RecBole 1.2.1, same split, re-scored)
 
@@ -205,6 +205,21 @@ def trained(models: list[str]) -> list[str]:
             if entry not in out:
                 out.append(entry)
     return out
+
+
+def same_as_train(selection: str, seed: int = 0) -> bool:
+    """The candidate entries of a named selection train exactly what `odmt train --model NAME` trains."""
+    from odmt_t4r.training.selection import SELECTION_PRESETS
+    from odmt_t4r.training.train import TrainConfig
+
+    if selection not in SELECTION_PRESETS:
+        return True
+    named = TrainConfig.from_dict(dict(model=selection, seed=seed)).to_dict()
+    for entry, preset in zip(SELECTIONS[selection], named["candidates"]):
+        alone = {**named, "model": preset, "candidates": None}
+        if effective_key(train_config(entry, seed, None, None).to_dict()) != effective_key(alone):
+            return False
+    return len(SELECTIONS[selection]) == len(named["candidates"])
 
 
 def composed_selections(runs: list[dict], models: list[str]) -> list[dict]:
@@ -355,6 +370,9 @@ def main() -> None:
                     help="train nothing: tabulate the runs already finished in WORK (a partial benchmark)")
     args = ap.parse_args()
     work = Path(args.work)
+    wrong = [m for m in args.models if m in SELECTIONS and not same_as_train(m)]
+    if wrong:
+        raise SystemExit(f"{wrong}: the candidate entries differ from what odmt train --model trains")
     caps = epoch_caps(args.epochs, args.datasets) if args.epochs else {d: None for d in args.datasets}
     jobs = []
     for ds in args.datasets:
