@@ -64,6 +64,15 @@ def read_split(folder: str | Path, columns: list[str] | None = None):
     return pd.concat([pd.read_parquet(p, columns=columns) for p in parts], ignore_index=True)
 
 
+def read_selection(run: str | Path) -> dict | None:
+    """RUN/SELECTION of a model selection, or None when RUN is not one (or the file is not ours)."""
+    try:
+        saved = json.loads((Path(run) / SELECTION).read_text())
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) and saved.get("format") == SELECTION_FORMAT else None
+
+
 def run_data_dir(run: str | Path, data: str | Path | None = None) -> Path:
     """The prepared DIR of a RUN: `data` if given, else the one recorded in RUN/config.json."""
     try:

@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from odmt_t4r.contract import read_selection
+
 REPORT_METRICS = ("HR@10", "NDCG@10", "HR@20", "NDCG@20", "longtail/NDCG@10", "coverage@10")
 BRANCH_COLORS = {"id": "#1f77b4", "text": "#ff7f0e", "image": "#2ca02c", "mean": "#7f7f7f", "fused": "#000000"}
 BASELINE_COLOR = "#d62728"
@@ -59,6 +61,7 @@ class RunView:
             if log_path.is_file() else []
         fusion = self.dir / "fusion.json"
         self.fusion = json.loads(fusion.read_text()) if fusion.is_file() else None
+        self.selection = read_selection(self.dir)  # a RUN of odmt train --candidates / --model odmt-auto
         self._metrics = None
 
     @property
@@ -371,6 +374,9 @@ def facts_html(run: RunView, baseline: RunView | None, work: Path | None) -> str
                  ("training time", f"{sum(r.get('seconds', 0) for r in view.log):.0f}s")]
         if view.fusion:
             pairs.append(("fusion (chosen on validation)", view.fusion.get("name")))
+        if view.selection and view.selection.get("chosen"):
+            pairs.append(("model (chosen on validation)", f"{view.selection['chosen']} of " + ", ".join(
+                f"{name} {score:.4f}" for name, score in view.selection["candidates"].items()) + " (valid NDCG@10)"))
         pairs += [(k, train[k]) for k in TRAIN_KEYS if k in train]
         pairs += [(k, mcfg[k]) for k in MODEL_KEYS if k in mcfg and (k not in ("kd_weight", "tau", "kd_mode", "id_teacher")
                                                                       or len(view.branches) > 1)]

@@ -120,3 +120,13 @@ def test_odmt_run_resumes_a_selection_with_the_same_settings_and_clears_one_kill
         shutil.rmtree(f) if f.is_dir() else f.unlink()
     pipeline._remove_run(run)  # a selection folder is the project's own: cleared, not refused
     assert not run.exists()
+
+
+def test_the_report_names_the_chosen_model_and_every_candidate_score(data_dir, tmp_path):
+    from odmt_t4r.report import RunView, facts_html
+
+    summary = train.train_run(train.TrainConfig.from_dict(dict(FAST, epochs=1, candidates=PAIR)), data_dir,
+                              tmp_path / "sel", log=quiet)
+    page = facts_html(RunView(tmp_path / "sel"), None, None)
+    scores = ", ".join(f"{n} {s:.4f}" for n, s in summary["candidates"].items())
+    assert f"{summary['chosen']} of {scores} (valid NDCG@10)" in page

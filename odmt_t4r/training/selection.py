@@ -14,11 +14,10 @@ per-modality projections on others (README, Quality); the validation split can t
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
-from odmt_t4r.contract import CANDIDATES, SELECTION, SELECTION_FORMAT
+from odmt_t4r.contract import CANDIDATES, SELECTION, SELECTION_FORMAT, read_selection  # noqa: F401 (re-export)
 from odmt_t4r.model.prepared import read_prepared
 from odmt_t4r.output_folder import atomic_write
 
@@ -40,15 +39,6 @@ def choose(scores: dict[str, float]) -> str:
     if not scores:
         raise ValueError("no candidates to choose from")
     return max(scores, key=lambda name: (scores[name], -list(scores).index(name)))
-
-
-def read_selection(run: str | os.PathLike) -> dict | None:
-    """RUN/selection.json, or None when RUN is not a selection (or the file is not ours)."""
-    try:
-        saved = json.loads((Path(run) / SELECTION).read_text())
-    except (OSError, ValueError):
-        return None
-    return saved if isinstance(saved, dict) and saved.get("format") == SELECTION_FORMAT else None
 
 
 def train_candidates(cfg, data_dir, out: Path, resume: bool, epochs: int | None, log, train_one) -> dict | None:
