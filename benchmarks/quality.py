@@ -348,6 +348,17 @@ def _report(r: dict) -> dict:
     return r
 
 
+def _die_with_parent() -> None:
+    """A pool worker stops when the benchmark process dies: killed alone, it would otherwise leave its
+    workers training into the same run folders as the next benchmark (Linux prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+    import signal
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: stop the whole process group instead (kill -- -PGID)
+
+
 def _one_run_job(job: tuple) -> dict:
     import torch
     torch.set_num_threads(1)
@@ -389,7 +400,7 @@ def main() -> None:
     if args.jobs > 1:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
-        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn"), initializer=_die_with_parent) as pool:
             for future in as_completed([pool.submit(_one_run_job, j) for j in jobs]):
                 runs.append(_report(future.result()))
     else:
