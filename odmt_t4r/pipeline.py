@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Callable
 
 from odmt_t4r.cli import USER_ERRORS
+from odmt_t4r.contract import read_selection
 
 STAGE_FORMAT = "odmt-stage/1"
 METRICS = ("HR@10", "NDCG@10", "HR@20", "NDCG@20")
@@ -285,8 +286,6 @@ def _remove_run(run_dir: Path) -> None:
     """Clears a RUN that `odmt run` trained earlier, before training it again from scratch."""
     if not run_dir.exists():
         return
-    from odmt_t4r.training.selection import read_selection
-
     try:
         fmt = json.loads((run_dir / "config.json").read_text()).get("format")
     except (OSError, ValueError):
@@ -299,8 +298,6 @@ def _remove_run(run_dir: Path) -> None:
 def _resumable(run_dir: Path, cfg, data_sha256: str | None) -> bool:
     """RUN holds a checkpoint of training with exactly these settings on this data (a stage killed before it
     cleared an older RUN must not resume that one)."""
-    from odmt_t4r.training.selection import read_selection
-
     same = lambda d: {k: v for k, v in json.loads(json.dumps(d, default=str)).items() if k != "progress"}  # noqa: E731
     selection = read_selection(run_dir)
     if selection is not None:  # a model selection: its candidates resume from their own checkpoints

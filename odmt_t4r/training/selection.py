@@ -17,7 +17,7 @@ import json
 import shutil
 from pathlib import Path
 
-from odmt_t4r.contract import CANDIDATES, SELECTION, SELECTION_FORMAT, read_selection  # noqa: F401 (re-export)
+from odmt_t4r.contract import CANDIDATES, SELECTION, SELECTION_FORMAT, read_selection
 from odmt_t4r.model.prepared import read_prepared
 from odmt_t4r.output_folder import atomic_write
 
@@ -38,7 +38,7 @@ def choose(scores: dict[str, float]) -> str:
     """The candidate with the best validation score; ties go to the one listed first."""
     if not scores:
         raise ValueError("no candidates to choose from")
-    return max(scores, key=lambda name: (scores[name], -list(scores).index(name)))
+    return max(scores, key=scores.get)  # max keeps the first of equal scores
 
 
 def train_candidates(cfg, data_dir, out: Path, resume: bool, epochs: int | None, log, train_one) -> dict | None:

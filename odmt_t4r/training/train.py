@@ -52,11 +52,11 @@ from .averaging import WeightAverage
 from .data import PreparedData
 from .fusion import choose_fusion, evaluate_fusions, select_fusion
 from .progress import progress_bar
-from .selection import SELECTION_PRESETS, read_selection, train_candidates, with_preset
+from .selection import SELECTION_PRESETS, train_candidates, with_preset
 
 MODEL_CHOICES = sorted([*model_registry, *SELECTION_PRESETS])  # a preset, or a named model selection
 
-from odmt_t4r.contract import RUN_FORMAT  # noqa: E402
+from odmt_t4r.contract import RUN_FORMAT, read_selection  # noqa: E402
 SUMMARY = "summary.json"  # a multi-process run's summary, left by rank 0 for the launcher
 RUN_FILES = ("config.json", "model.pt", "item_vectors.pt", "checkpoint.pt", "log.jsonl", "fusion.json", SUMMARY)
 
