@@ -62,6 +62,7 @@ VARIANTS = {
     "odmt-no-imt-avgsel": dict(preset="odmt-no-imt", average_epochs=2.0, average_select=True),
     # the cheaper item tower affords a wider model
     "odmt-no-imt-d128": dict(preset="odmt-no-imt", d_model=128),
+    "odmt-d128": dict(d_model=128),
     # the learning rate x0.3 after 2 epochs without a valid improvement (TrainConfig.lr_plateau)
     "odmt-plateau": dict(lr_plateau=2),
     "sasrec-plateau": dict(preset="sasrec", lr_plateau=2),
@@ -116,7 +117,7 @@ def prepared(dataset: str, work: Path) -> Path:
     return out
 
 
-EXECUTION_ONLY = ("progress", "threads", "epochs", "nproc", "amp", "device")
+EXECUTION_ONLY = ("progress", "threads", "epochs", "nproc", "amp", "device", "candidate_jobs")
 # settings added after runs were benchmarked: at these values they train what those runs trained
 NEUTRAL = {"average_epochs": 0.0, "average_select": False, "item_to_item": 0.0, "candidates": None, "lr_plateau": 0, "lr_decay": 0.3}
 
@@ -348,17 +349,6 @@ def _report(r: dict) -> dict:
     return r
 
 
-def _die_with_parent() -> None:
-    """A pool worker stops when the benchmark process dies: killed alone, it would otherwise leave its
-    workers training into the same run folders as the next benchmark (Linux prctl PR_SET_PDEATHSIG)."""
-    import ctypes
-    import signal
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass  # not Linux: stop the whole process group instead (kill -- -PGID)
-
-
 def _one_run_job(job: tuple) -> dict:
     import torch
     torch.set_num_threads(1)
@@ -400,7 +390,9 @@ def main() -> None:
     if args.jobs > 1:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
-        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn"), initializer=_die_with_parent) as pool:
+
+        from odmt_t4r.training.parallel import die_with_parent  # killed alone, workers would train on
+        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn"), initializer=die_with_parent) as pool:
             for future in as_completed([pool.submit(_one_run_job, j) for j in jobs]):
                 runs.append(_report(future.result()))
     else:

@@ -1,9 +1,11 @@
 """Training speed benchmark: samples/s of an ODMT step against a SASRec step at the same width, length and
 batch, interleaved in one run (medians of the repeats), plus the time our sasrec needs to reach the RecBole
-SASRec anchor's NDCG@10 on ml-100k.
+SASRec anchor's NDCG@10 on ml-100k, plus the wall time of a model selection (`--model odmt-auto`) with its
+candidates trained side by side against one after another.
 
     .venv/bin/python benchmarks/train_speed.py [--data ml-100k fashion] [--steps 5] [--repeats 3]
                                                [--loss full in_batch] [--batch 128] [--threads 1]
+                                               [--parts steps anchor selection] [--selection-epochs 3]
 
 Writes benchmarks/results/train_speed.json. Anchor (issue 3): RecBole SASRec on ml-100k on one core here
 reached its best epoch (6) after about 6 x 2.2 = 13.2 minutes; goal: our sasrec reaches the same
@@ -98,6 +100,31 @@ def time_to_anchor(data_dir: Path, work: Path, epochs: int) -> dict:
             "goal_met": bool(reached and reached["minutes"] <= budget)}
 
 
+def selection_wall_time(data_dir: Path, work: Path, epochs: int, repeats: int) -> dict:
+    """Seconds for `odmt train --model odmt-auto --epochs N` with its candidates one after another
+    (--candidate-jobs 1) and side by side (0: as many as the cores allow), interleaved; medians."""
+    import shutil
+    from odmt_t4r.training.parallel import usable_cores
+    from odmt_t4r.training.train import TrainConfig, train_run
+
+    seconds = {1: [], 0: []}
+    for _ in range(repeats):
+        for jobs in seconds:
+            run = work / "runs" / f"speed-selection-{jobs}"
+            shutil.rmtree(run, ignore_errors=True)
+            cfg = TrainConfig.from_dict(dict(model="odmt-auto", epochs=epochs, patience=epochs, progress=False,
+                                             candidate_jobs=jobs))
+            start = time.perf_counter()
+            summary = train_run(cfg, data_dir, run, log=lambda m: None)
+            seconds[jobs].append(time.perf_counter() - start)
+            print(f"selection, candidate_jobs {jobs}: {seconds[jobs][-1]:.1f}s (chose {summary['chosen']})",
+                  file=sys.stderr, flush=True)
+    one, side = statistics.median(seconds[1]), statistics.median(seconds[0])
+    return {"model": "odmt-auto", "epochs": epochs, "repeats": repeats, "cores": usable_cores(),
+            "one_after_another_s": round(one, 1), "side_by_side_s": round(side, 1),
+            "speedup": round(one / side, 2), "all_s": {str(k): [round(x, 1) for x in v] for k, v in seconds.items()}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", nargs="+", default=["ml-100k", "fashion"], help="prepared DIRs or source names")
@@ -107,21 +134,31 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (TrainConfig's default is 1)")
     ap.add_argument("--loss", nargs="+", default=["full", "in_batch"])
     ap.add_argument("--anchor-epochs", type=int, default=15)
+    ap.add_argument("--parts", nargs="+", default=["steps", "anchor", "selection"],
+                    choices=["steps", "anchor", "selection"], help="what to measure (the others are kept from --out)")
+    ap.add_argument("--selection-epochs", type=int, default=3, help="epochs of each selection candidate")
     ap.add_argument("--work", default=str(Path(__file__).parent / "work"))
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     work = Path(args.work)
     from odmt_t4r.training.train import TrainConfig
     batch = args.batch or TrainConfig().batch_size
-    result = {"benchmark": "train_speed", "datasets": {}}
-    for d in args.data:
-        data_dir = Path(d) if Path(d).is_dir() else _prepared(d, work)
-        r = step_rates(data_dir, args.loss, args.steps, args.repeats, batch, args.threads)
-        result["datasets"][d] = r
-        print(json.dumps({d: r}), flush=True)
+    previous = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
+    result = {"benchmark": "train_speed", "datasets": {}, **previous}
+    if "steps" in args.parts:
+        result["datasets"] = {}
+        for d in args.data:
+            data_dir = Path(d) if Path(d).is_dir() else _prepared(d, work)
+            r = step_rates(data_dir, args.loss, args.steps, args.repeats, batch, args.threads)
+            result["datasets"][d] = r
+            print(json.dumps({d: r}), flush=True)
     ml = Path("ml-100k") if Path("ml-100k").is_dir() else _prepared("ml-100k", work)
-    result["sasrec_time_to_recbole_anchor"] = time_to_anchor(ml, work, args.anchor_epochs)
-    print(json.dumps(result["sasrec_time_to_recbole_anchor"]))
+    if "anchor" in args.parts:
+        result["sasrec_time_to_recbole_anchor"] = time_to_anchor(ml, work, args.anchor_epochs)
+        print(json.dumps(result["sasrec_time_to_recbole_anchor"]))
+    if "selection" in args.parts:
+        result["selection_ml-100k"] = selection_wall_time(ml, work, args.selection_epochs, args.repeats)
+        print(json.dumps(result["selection_ml-100k"]))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

@@ -130,3 +130,55 @@ def test_the_report_names_the_chosen_model_and_every_candidate_score(data_dir, t
     page = facts_html(RunView(tmp_path / "sel"), None, None)
     scores = ", ".join(f"{n} {s:.4f}" for n, s in summary["candidates"].items())
     assert f"{summary['chosen']} of {scores} (valid NDCG@10)" in page
+
+
+def test_candidates_trained_side_by_side_match_one_after_another(data_dir, tmp_path):
+    cfg = dict(FAST, epochs=2, candidates=PAIR)
+    lines = []
+    side = train.train_run(train.TrainConfig.from_dict(dict(cfg, candidate_jobs=2)), data_dir, tmp_path / "side",
+                           log=lines.append)
+    one = train.train_run(train.TrainConfig.from_dict(dict(cfg, candidate_jobs=1)), data_dir, tmp_path / "one",
+                          log=quiet)
+    assert side["candidates"] == one["candidates"] and side["chosen"] == one["chosen"]
+    for name in PAIR:  # each process trains exactly what the caller's would
+        a = torch.load(tmp_path / "side" / CANDIDATES / name / "model.pt", weights_only=True)
+        b = torch.load(tmp_path / "one" / CANDIDATES / name / "model.pt", weights_only=True)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert lines[0] == f"training 2 candidates, 2 at once (one process each): {', '.join(PAIR)}"
+    for name in PAIR:  # their epoch lines reach the caller's log, named
+        assert any(line.startswith(f"[{name}] epoch   2/2") for line in lines), lines
+    assert lines[-1].startswith(f"chose {side['chosen']} on validation")
+
+
+def sleeps(log):
+    import time
+    log("started")
+    time.sleep(120)
+
+
+def fails(log):
+    raise FileExistsError("candidate folder is not ours")
+
+
+def vanishes(log):
+    import os
+    os._exit(3)
+
+
+def test_a_failing_job_raises_its_error_and_stops_the_others():
+    import time
+
+    from odmt_t4r.training.parallel import run_jobs
+    lines = []
+    start = time.perf_counter()
+    with pytest.raises(FileExistsError, match="candidate folder is not ours"):
+        run_jobs({"slow": (sleeps, ()), "bad": (fails, ())}, 2, lines.append)
+    assert time.perf_counter() - start < 60  # the sleeper was stopped, not waited for
+    with pytest.raises(RuntimeError, match="gone: its training process stopped with exit code 3"):
+        run_jobs({"gone": (vanishes, ())}, 2, lines.append)
+
+
+def test_candidate_jobs_must_not_be_negative(data_dir, tmp_path, capsys):
+    assert cli(train, ["--data", data_dir, "--out", tmp_path / "x", "--candidates", *PAIR,
+                       "--candidate-jobs", -1]) == 2
+    assert capsys.readouterr().err.startswith("odmt train: error: candidate_jobs must be >= 0")

@@ -21,6 +21,8 @@ from odmt_t4r.contract import CANDIDATES, SELECTION, SELECTION_FORMAT, read_sele
 from odmt_t4r.model.prepared import read_prepared
 from odmt_t4r.output_folder import atomic_write
 
+from .parallel import run_jobs, usable_cores
+
 CHOSEN_FILES = ("config.json", "model.pt", "item_vectors.pt", "fusion.json", "log.jsonl")
 # named selections, `--model NAME`: the settings that define them win over the user's (as a preset's do)
 SELECTION_PRESETS: dict[str, dict] = {
@@ -55,7 +57,7 @@ def train_candidates(cfg, data_dir, out: Path, resume: bool, epochs: int | None,
     if saved is not None:
         if not resume:
             raise FileExistsError(f"{out} already holds a model selection; pass --resume or choose another --out")
-        cfg = TrainConfig.from_dict({**saved["train"], "progress": cfg.progress})
+        cfg = TrainConfig.from_dict({**saved["train"], "progress": cfg.progress, "candidate_jobs": cfg.candidate_jobs})
     elif out.is_dir() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty and holds no resumable model selection; choose another --out "
                               "(train never overwrites a folder it cannot resume)")
@@ -63,7 +65,7 @@ def train_candidates(cfg, data_dir, out: Path, resume: bool, epochs: int | None,
         cfg.epochs = epochs
     cfg.validate()
     names = list(cfg.candidates)
-    candidate_settings = {k: v for k, v in cfg.to_dict().items() if k != "candidates"}
+    candidate_settings = {k: v for k, v in cfg.to_dict().items() if k not in ("candidates", "candidate_jobs")}
     data_sha256 = read_prepared(data_dir).manifest_sha256
     if saved is not None and saved.get("data_sha256") != data_sha256:
         raise ValueError(f"{out} was trained on other prepared data (manifest hash differs); cannot resume")
@@ -71,11 +73,17 @@ def train_candidates(cfg, data_dir, out: Path, resume: bool, epochs: int | None,
         out.mkdir(parents=True, exist_ok=True)
         if saved is None:
             atomic_write(out / SELECTION, _payload(cfg, data_sha256, {n: None for n in names}, None))
+    at_once = jobs_at_once(cfg, ranks)
     summaries = {}
-    for i, name in enumerate(names):
+    if at_once > 1:
+        log(f"training {len(names)} candidates, {at_once} at once (one process each): {', '.join(names)}")
+        quiet_bars = {**candidate_settings, "progress": False}  # side by side, only their epoch lines show
+        summaries = run_jobs({name: (_train_candidate, ({**quiet_bars, "model": name}, str(data_dir),
+                                                        str(out / CANDIDATES / name), cfg.epochs))
+                              for name in names}, at_once, log)
+    for i, name in enumerate(n for n in names if n not in summaries):
         one = TrainConfig.from_dict({**candidate_settings, "model": name})
         log(f"candidate {i + 1}/{len(names)}: {name}")
-        # our own sub-RUNs: resume a finished or interrupted one, start a new or never-checkpointed one
         summaries[name] = train_one(one, data_dir, out / CANDIDATES / name, resume=True, epochs=cfg.epochs,
                                     log=lambda m, name=name: log(f"[{name}] {m}"))
     if not ranks.main:
@@ -88,6 +96,25 @@ def train_candidates(cfg, data_dir, out: Path, resume: bool, epochs: int | None,
     atomic_write(out / SELECTION, _payload(cfg, data_sha256, scores, chosen))
     log(f"chose {chosen} on validation: " + ", ".join(f"{n} {s:.4f}" for n, s in scores.items()))
     return {**summaries[chosen], "chosen": chosen, "candidates": scores}
+
+
+def jobs_at_once(cfg, ranks) -> int:
+    """How many candidates train side by side: `candidate_jobs`, or (0) as many as the cores allow at
+    `threads` each. One after another under torchrun, with --nproc or on a GPU (they would share it)."""
+    if ranks.world > 1 or cfg.nproc > 1:
+        return 1
+    if cfg.candidate_jobs:
+        return min(cfg.candidate_jobs, len(cfg.candidates))
+    if cfg.torch_device().type == "cuda":
+        return 1
+    return max(1, min(len(cfg.candidates), usable_cores() // max(1, cfg.threads)))
+
+
+def _train_candidate(settings: dict, data_dir: str, out: str, epochs: int, log) -> dict:
+    """One candidate in its own process (parallel.run_jobs): trained exactly as in the caller's."""
+    from .train import TrainConfig, train_run
+    # our own sub-RUNs: resume a finished or interrupted one, start a new or never-checkpointed one
+    return train_run(TrainConfig.from_dict(settings), data_dir, out, resume=True, epochs=epochs, log=log)
 
 
 def _payload(cfg, data_sha256: str, scores: dict, chosen: str | None) -> str:

@@ -71,6 +71,9 @@ class TrainConfig:
     # presets trained with these same settings into RUN/candidates/; RUN keeps the one with the best
     # validation score (selection.py); None = train `model` alone
     candidates: list[str] | None = None
+    # candidates trained side by side, one process each; 0 = as many as the CPU cores allow at `threads`
+    # each (one after another with nproc > 1 or on a GPU); 1 = one after another. Results do not change.
+    candidate_jobs: int = 0
     # optimisation
     lr: float = 1e-3
     weight_decay: float = 0.1
@@ -119,6 +122,8 @@ class TrainConfig:
             if unknown or len(set(self.candidates)) != len(self.candidates) or len(self.candidates) < 2:
                 raise ValueError(f"candidates must be at least two different presets of {sorted(model_registry)}, "
                                  f"got {self.candidates}")
+        if self.candidate_jobs < 0:
+            raise ValueError(f"candidate_jobs must be >= 0 (0 = as many as the cores allow), got {self.candidate_jobs}")
         for name in ("epochs", "batch_size", "eval_batch_size", "patience", "threads", "nproc"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
