@@ -391,7 +391,7 @@ def main() -> None:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        from odmt_t4r.training.parallel import die_with_parent  # killed alone, workers would train on
+        from odmt_t4r.parallel import die_with_parent  # killed alone, workers would train on
         with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn"), initializer=die_with_parent) as pool:
             for future in as_completed([pool.submit(_one_run_job, j) for j in jobs]):
                 runs.append(_report(future.result()))

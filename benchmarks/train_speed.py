@@ -104,7 +104,7 @@ def selection_wall_time(data_dir: Path, work: Path, epochs: int, repeats: int) -
     """Seconds for `odmt train --model odmt-auto --epochs N` with its candidates one after another
     (--candidate-jobs 1) and side by side (0: as many as the cores allow), interleaved; medians."""
     import shutil
-    from odmt_t4r.training.parallel import usable_cores
+    from odmt_t4r.parallel import usable_cores
     from odmt_t4r.training.train import TrainConfig, train_run
 
     seconds = {1: [], 0: []}

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from odmt_t4r.training.metrics import RankingAccumulator, hr_ndcg, target_ranks
+from odmt_t4r.training.metrics import RankingAccumulator, hr_ndcg, ndcg_standard_error, target_ranks
 
 NEG = -1.0  # reserved rows 0..2 get high raw scores below: they must never count
 
@@ -27,6 +27,21 @@ def test_hand_example_ranks_and_metrics():
     assert m["NDCG@1"] == pytest.approx(1 / 3)
     assert m["HR@3"] == pytest.approx(2 / 3)
     assert m["NDCG@3"] == pytest.approx((1.0 + 1.0 / math.log2(4)) / 3)  # (1 + 0.5 + 0) / 3
+
+
+def test_the_standard_error_is_that_of_the_mean_per_user_gain():
+    ranks = torch.tensor([0.0, math.inf, 1.0, 5.0, 30.0])
+    gains = [1.0, 0.0, 1 / math.log2(3), 1 / math.log2(7), 0.0]  # NDCG@10 of each user
+    mean = sum(gains) / 5
+    sample_sd = math.sqrt(sum((g - mean) ** 2 for g in gains) / 4)
+    assert ndcg_standard_error(ranks, 10) == pytest.approx(sample_sd / math.sqrt(5))
+    assert ndcg_standard_error(torch.tensor([0.0, 0.0, 0.0])) == 0.0  # every user alike: nothing to resample
+    acc = RankingAccumulator(ks=(10, 20))
+    acc.add_users(torch.tensor([3, 4, 5, 6, 7]), None)
+    acc.add_ranks("fused", ranks)
+    acc.add_ranks("id", ranks * 0)
+    out = acc.compute()
+    assert out["se/NDCG@10"] == pytest.approx(sample_sd / math.sqrt(5)) and "se/id/NDCG@10" not in out
 
 
 def test_ties_count_against_the_target():

@@ -168,7 +168,7 @@ def vanishes(log):
 def test_a_failing_job_raises_its_error_and_stops_the_others():
     import time
 
-    from odmt_t4r.training.parallel import run_jobs
+    from odmt_t4r.parallel import run_jobs
     lines = []
     start = time.perf_counter()
     with pytest.raises(FileExistsError, match="candidate folder is not ours"):

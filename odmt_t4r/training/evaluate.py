@@ -171,4 +171,6 @@ def scorer_table(metrics: dict, branches: list[str]) -> str:
         get = lambda k: metrics.get(k, float("nan"))  # noqa: E731
         lines.append(f"{name:<34} {get(pre + 'HR@10'):7.4f} {get(pre + 'NDCG@10'):8.4f} {get(pre + 'HR@20'):7.4f} "
                      f"{get(pre + 'NDCG@20'):8.4f} {get('longtail/' + pre + 'NDCG@10'):13.4f} {get(pre + 'coverage@10'):9.4f}")
+    if "se/NDCG@10" in metrics:  # the split's own noise: differences well inside it are not findings
+        lines.append(f"fused NDCG@10 standard error over these users: {metrics['se/NDCG@10']:.4f}")
     return "\n".join(lines)

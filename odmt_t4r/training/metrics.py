@@ -46,6 +46,15 @@ def hr_ndcg(ranks: torch.Tensor, ks=DEFAULT_KS) -> dict[str, float]:
     return out
 
 
+def ndcg_standard_error(ranks: torch.Tensor, k: int = 10) -> float:
+    """The standard error of NDCG@k as a mean over these users: how far another draw of as many users
+    could move it. It bounds what a difference between models on this split can show."""
+    if len(ranks) < 2:
+        return 0.0
+    gain = torch.where(ranks < k, 1.0 / torch.log2(ranks.clamp(max=1e9) + 2.0), torch.zeros_like(ranks))
+    return (gain.std() / math.sqrt(len(gain))).item()
+
+
 class RankingAccumulator:
     """Collects target ranks batch by batch, per scorer (e.g. "fused", "id", "text"), plus the long-tail
     slice (users whose target is a rare item) and catalog coverage (items in anyone's top `coverage_k`)."""
@@ -92,13 +101,15 @@ class RankingAccumulator:
     def compute(self, fused: str = "fused") -> dict:
         """{"HR@10": .., "NDCG@10": .., ...} for the fused scorer, "<name>/HR@10" for the others;
         "longtail/..." the same on the long-tail users, "coverage@10" the share of catalog items that
-        appear in some user's top 10."""
+        appear in some user's top 10, "se/NDCG@10" the fused NDCG@10's standard error over users."""
         out = {}
         tail = torch.cat(self.tail) if self.tail else torch.zeros(0, dtype=torch.bool)
         for name, parts in self.ranks.items():
             ranks = torch.cat(parts)
             prefix = "" if name == fused else f"{name}/"
             out.update({prefix + k: v for k, v in hr_ndcg(ranks, self.ks).items()})
+            if name == fused:
+                out[f"se/NDCG@{self.ks[0]}"] = ndcg_standard_error(ranks, self.ks[0])
             if tail.any():
                 out.update({f"longtail/{prefix}{k}": v for k, v in hr_ndcg(ranks[tail], self.ks).items()})
             if name in self.recommended:

@@ -21,7 +21,7 @@ from odmt_t4r.contract import CANDIDATES, SELECTION, SELECTION_FORMAT, read_sele
 from odmt_t4r.model.prepared import read_prepared
 from odmt_t4r.output_folder import atomic_write
 
-from .parallel import run_jobs, usable_cores
+from odmt_t4r.parallel import run_jobs, usable_cores
 
 CHOSEN_FILES = ("config.json", "model.pt", "item_vectors.pt", "fusion.json", "log.jsonl")
 # named selections, `--model NAME`: the settings that define them win over the user's (as a preset's do)

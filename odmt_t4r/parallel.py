@@ -9,9 +9,11 @@ stopped: every job writes only its own resumable RUN, so `--resume` continues th
 
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
 import queue
+import warnings
 from typing import Callable
 
 
@@ -46,7 +48,10 @@ def run_jobs(jobs: dict[str, tuple[Callable, tuple]], at_once: int, log: Callabl
             while waiting and len(running) < at_once:
                 name = waiting.pop(0)
                 fn, args = jobs[name]
-                running[name] = ctx.Process(target=_job, args=(messages, name, fn, args), name=f"odmt-{name}")
+                # fn by name, imported after the caller's warning filters are in place (Merlin warns at import)
+                running[name] = ctx.Process(target=_job, name=f"odmt-{name}",
+                                            args=(messages, name, f"{fn.__module__}:{fn.__qualname__}", args,
+                                                  list(warnings.filters)))
                 running[name].start()
             try:
                 kind, name, value = messages.get(timeout=1.0)
@@ -71,9 +76,14 @@ def run_jobs(jobs: dict[str, tuple[Callable, tuple]], at_once: int, log: Callabl
     return results
 
 
-def _job(messages, name: str, fn: Callable, args: tuple) -> None:
+def _job(messages, name: str, fn_name: str, args: tuple, warning_filters: list) -> None:
     die_with_parent()
+    warnings.filters[:] = warning_filters  # a spawned interpreter starts without the caller's (cli's quiet imports)
     try:
+        module, _, qualname = fn_name.partition(":")
+        fn = importlib.import_module(module)
+        for part in qualname.split("."):
+            fn = getattr(fn, part)
         result = fn(*args, log=lambda m: messages.put(("log", name, m)))
     except BaseException as exc:  # noqa: BLE001 - every failure reaches the caller
         messages.put(("error", name, _sendable(exc)))
