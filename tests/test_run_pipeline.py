@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from odmt_t4r.pipeline import Stage, StageFailed, StageRecords
-from tests.tiny_run import K, N_ITEMS, SESSIONS, odmt, tiny_run
+from tests.tiny_run import K, N_ITEMS, SESSIONS, TINY_MODEL, odmt, tiny_run
 
 STAGES = ["prepare", "train-odmt", "train-sasrec", "evaluate-odmt", "evaluate-sasrec", "export", "serve", "report"]
 
@@ -73,17 +73,22 @@ def test_stdout_holds_the_results_and_stderr_the_logs(tiny):
 
 
 def test_served_answers_come_from_the_trained_model_through_triton(tiny):
+    assert_served_by_the_run(tiny.work, "odmt", SESSIONS)
+
+
+def assert_served_by_the_run(work: Path, model_name: str, n_sessions: int) -> None:
+    """served.json's answers came through Triton and are RUN's in-process top-k, scores and order."""
     import torch
 
     from odmt_t4r.model import OdmtRecommender
 
-    served = json.loads((tiny.work / "served.json").read_text())
+    served = json.loads((work / "served.json").read_text())
     assert served["served"] and served["grpc_same_answers"] and served["k"] == K
     assert served["server"]["http"].startswith("127.0.0.1:") and served["server"]["grpc"].startswith("127.0.0.1:")
-    assert len(served["sessions"]) == SESSIONS
-    items = pd.read_parquet(tiny.work / "data" / "items.parquet", columns=["item_idx", "item_id"])
+    assert len(served["sessions"]) == n_sessions
+    items = pd.read_parquet(work / "data" / "items.parquet", columns=["item_idx", "item_id"])
     index = dict(zip(items["item_id"].astype(str), items["item_idx"]))
-    model = OdmtRecommender.from_pretrained(tiny.work / "runs" / "odmt")
+    model = OdmtRecommender.from_pretrained(work / "runs" / model_name)
     L = model.config.max_length
     assert served["max_length"] == L
     for s in served["sessions"]:
@@ -97,6 +102,25 @@ def test_served_answers_come_from_the_trained_model_through_triton(tiny):
         fused = model.score(history)["fused"][0]
         np.testing.assert_allclose(scores, fused[[index[i] for i in ids]].numpy(), atol=1e-3)
         assert s["target_rank"] == (ids.index(s["target"]) + 1 if s["target"] in ids else None)
+
+
+def test_the_main_job_with_a_model_selection_serves_and_reports_the_chosen_model(tmp_path):
+    from odmt_t4r.contract import read_selection
+
+    (tmp_path / "model.json").write_text(json.dumps(TINY_MODEL))
+    work = tmp_path / "work"
+    done = odmt("run", "--out", str(work), "--n-items", str(N_ITEMS), "--epochs", "1", "--model", "odmt-auto",
+                "--config", str(tmp_path / "model.json"), "--sessions", "2", "--k", str(K))
+    assert done.returncode == 0, done.stderr[-4000:]
+    selection = read_selection(work / "runs" / "odmt-auto")
+    assert set(selection["candidates"]) == {"odmt", "odmt-no-imt"} and selection["chosen"] in selection["candidates"]
+    config = json.loads((work / "runs" / "odmt-auto" / "config.json").read_text())
+    assert config["train"]["model"] == selection["chosen"]  # RUN is the chosen candidate's, whole
+    for name in selection["candidates"]:
+        assert f"[{name}] epoch   1/1" in done.stderr  # each candidate's progress reached the job's log
+    assert_served_by_the_run(work, "odmt-auto", 2)
+    page = (work / "report.html").read_text()
+    assert "model (chosen on validation)" in page and f"{selection['chosen']} of " in page
 
 
 def test_no_server_process_outlives_the_run(tiny):
