@@ -168,6 +168,17 @@ def run_dir(work: Path, dataset: str, model: str, seed: int, epochs: int | None 
     return folder / f"{model}-{key}-s{seed}"
 
 
+def benchmark_record(run: Path) -> dict | None:
+    """The benchmark's record of a finished run (RUN/metrics-test.json with the fields one_run adds); None
+    when there is none, or when `odmt evaluate --split test` wrote that file since: the run is scored again
+    (its training resumes to the end at once)."""
+    try:
+        record = json.loads((run / "metrics-test.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return record if {"dataset", "seed", "train_seconds"} <= set(record) else None
+
+
 def one_run(dataset: str, model: str, seed: int, data: Path, work: Path, epochs: int | None,
             patience: int | None) -> dict:
     from odmt_t4r.model import OdmtRecommender
@@ -179,8 +190,8 @@ def one_run(dataset: str, model: str, seed: int, data: Path, work: Path, epochs:
     epochs = cfg.epochs
     run = run_dir(work, dataset, model, seed, epochs, patience)
     done = run / "metrics-test.json"
-    if done.is_file():
-        finished = json.loads(done.read_text())
+    finished = benchmark_record(run)
+    if finished is not None:
         if finished.get("stopped_early") or finished.get("epochs_run", epochs) >= epochs:
             return {**finished, "model": model}
         done.unlink()  # it ran fewer epochs than this budget and had not stopped early: continue it
@@ -381,7 +392,7 @@ def main() -> None:
         for seed in args.seeds:
             jobs += [(ds, model, seed, data, work, caps[ds], args.patience) for model in trained(args.models)]
     if args.report_only:
-        done = [j for j in jobs if (run_dir(work, *j[:3], j[5], j[6]) / "metrics-test.json").is_file()]
+        done = [j for j in jobs if benchmark_record(run_dir(work, *j[:3], j[5], j[6])) is not None]
         print(f"report only: {len(done)} of {len(jobs)} runs finished")
         jobs = done
     runs = []
