@@ -37,7 +37,7 @@ def usable_cores() -> int:
 
 def run_jobs(jobs: dict[str, tuple[Callable, tuple]], at_once: int, log: Callable[[str], None]) -> dict:
     """{name: (fn, args)} -> {name: fn(*args, log=...)}, at most `at_once` processes at a time, started in
-    the order given. fn must be a module-level function (it is pickled into a spawned process)."""
+    the order given. fn must be a module-level function (the spawned process imports it by name)."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")  # a fresh interpreter: no forked torch or thread state
