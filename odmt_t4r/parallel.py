@@ -16,6 +16,8 @@ import queue
 import warnings
 from typing import Callable
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
 
 def die_with_parent() -> None:
     """This process stops when its parent dies, so a killed caller leaves no job training behind
@@ -23,7 +25,7 @@ def die_with_parent() -> None:
     import ctypes
     import signal
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
         pass
 

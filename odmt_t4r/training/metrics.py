@@ -39,11 +39,14 @@ def hr_ndcg(ranks: torch.Tensor, ks=DEFAULT_KS) -> dict[str, float]:
     """Mean HR@K / NDCG@K over users from 0-based target ranks [B]."""
     out = {}
     for k in ks:
-        hit = ranks < k
-        out[f"HR@{k}"] = hit.float().mean().item() if len(ranks) else 0.0
-        gain = torch.where(hit, 1.0 / torch.log2(ranks.clamp(max=1e9) + 2.0), torch.zeros_like(ranks))
-        out[f"NDCG@{k}"] = gain.mean().item() if len(ranks) else 0.0
+        out[f"HR@{k}"] = (ranks < k).float().mean().item() if len(ranks) else 0.0
+        out[f"NDCG@{k}"] = ndcg_gains(ranks, k).mean().item() if len(ranks) else 0.0
     return out
+
+
+def ndcg_gains(ranks: torch.Tensor, k: int) -> torch.Tensor:
+    """Each user's NDCG@k from 0-based target ranks [B]: 1 / log2(rank + 2) inside the top k, else 0."""
+    return torch.where(ranks < k, 1.0 / torch.log2(ranks.clamp(max=1e9) + 2.0), torch.zeros_like(ranks))
 
 
 def ndcg_standard_error(ranks: torch.Tensor, k: int = 10) -> float:
@@ -51,8 +54,7 @@ def ndcg_standard_error(ranks: torch.Tensor, k: int = 10) -> float:
     could move it. It bounds what a difference between models on this split can show."""
     if len(ranks) < 2:
         return 0.0
-    gain = torch.where(ranks < k, 1.0 / torch.log2(ranks.clamp(max=1e9) + 2.0), torch.zeros_like(ranks))
-    return (gain.std() / math.sqrt(len(gain))).item()
+    return (ndcg_gains(ranks, k).std() / math.sqrt(len(ranks))).item()
 
 
 class RankingAccumulator:

@@ -20,7 +20,6 @@ from pathlib import Path
 from odmt_t4r.contract import CANDIDATES, SELECTION, SELECTION_FORMAT, read_selection
 from odmt_t4r.model.prepared import read_prepared
 from odmt_t4r.output_folder import atomic_write
-
 from odmt_t4r.parallel import run_jobs, usable_cores
 
 CHOSEN_FILES = ("config.json", "model.pt", "item_vectors.pt", "fusion.json", "log.jsonl")
@@ -43,9 +42,9 @@ def choose(scores: dict[str, float]) -> str:
     return max(scores, key=scores.get)  # max keeps the first of equal scores
 
 
-def train_candidates(cfg, data_dir, out: Path, resume: bool, epochs: int | None, log, train_one) -> dict | None:
+def train_candidates(cfg, data_dir, out: Path, resume: bool, epochs: int | None, log) -> dict | None:
     """Train every candidate of `cfg` (a TrainConfig with `candidates`) into out/candidates/ and keep the best
-    on validation. `train_one` is train_run. Returns the chosen candidate's summary plus "chosen" and
+    on validation. Returns the chosen candidate's summary plus "chosen" and
     "candidates" (name -> valid NDCG@10); None on the ranks of a torchrun group other than 0."""
     from . import distributed
     from .train import TrainConfig
@@ -74,18 +73,17 @@ def train_candidates(cfg, data_dir, out: Path, resume: bool, epochs: int | None,
         if saved is None:
             atomic_write(out / SELECTION, _payload(cfg, data_sha256, {n: None for n in names}, None))
     at_once = jobs_at_once(cfg, ranks)
-    summaries = {}
+    quiet_bars = {"progress": False} if at_once > 1 else {}  # side by side, only their epoch lines show
+    jobs = {name: (_train_candidate, ({**candidate_settings, **quiet_bars, "model": name}, str(data_dir),
+                                      str(out / CANDIDATES / name), cfg.epochs)) for name in names}
     if at_once > 1:
         log(f"training {len(names)} candidates, {at_once} at once (one process each): {', '.join(names)}")
-        quiet_bars = {**candidate_settings, "progress": False}  # side by side, only their epoch lines show
-        summaries = run_jobs({name: (_train_candidate, ({**quiet_bars, "model": name}, str(data_dir),
-                                                        str(out / CANDIDATES / name), cfg.epochs))
-                              for name in names}, at_once, log)
-    for i, name in enumerate(n for n in names if n not in summaries):
-        one = TrainConfig.from_dict({**candidate_settings, "model": name})
-        log(f"candidate {i + 1}/{len(names)}: {name}")
-        summaries[name] = train_one(one, data_dir, out / CANDIDATES / name, resume=True, epochs=cfg.epochs,
-                                    log=lambda m, name=name: log(f"[{name}] {m}"))
+        summaries = run_jobs(jobs, at_once, log)
+    else:
+        summaries = {}
+        for i, (name, (fn, args)) in enumerate(jobs.items()):
+            log(f"candidate {i + 1}/{len(names)}: {name}")
+            summaries[name] = fn(*args, log=lambda m, name=name: log(f"[{name}] {m}"))
     if not ranks.main:
         return None
     scores = {name: float(s["fusion"]["valid_NDCG@10"]) for name, s in summaries.items()}
@@ -111,7 +109,7 @@ def jobs_at_once(cfg, ranks) -> int:
 
 
 def _train_candidate(settings: dict, data_dir: str, out: str, epochs: int, log) -> dict:
-    """One candidate in its own process (parallel.run_jobs): trained exactly as in the caller's."""
+    """One candidate, here or in its own process (parallel.run_jobs): the same training either way."""
     from .train import TrainConfig, train_run
     # our own sub-RUNs: resume a finished or interrupted one, start a new or never-checkpointed one
     return train_run(TrainConfig.from_dict(settings), data_dir, out, resume=True, epochs=epochs, log=log)

@@ -259,7 +259,7 @@ def train_run(cfg: TrainConfig, data_dir: str | os.PathLike, out: str | os.PathL
     out = Path(out)
     cfg = TrainConfig.from_dict(cfg.to_dict())  # a named selection's settings applied
     if cfg.candidates or (resume and read_selection(out) is not None):
-        return train_candidates(cfg, data_dir, out, resume, epochs, log, train_run)
+        return train_candidates(cfg, data_dir, out, resume, epochs, log)
     if _check_out(out, resume):
         log(f"{out} was stopped before its first epoch finished: starting it again")
         for p in out.iterdir():
