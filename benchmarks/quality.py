@@ -35,7 +35,9 @@ RESULTS = Path(__file__).parent / "results" / "quality.json"
 METRICS = ("HR@10", "NDCG@10", "HR@20", "NDCG@20")
 # the long-tail slice (targets with at most the catalog's median train count), coverage, the valid score
 TABLE_EXTRA = ("longtail/NDCG@10", "coverage@10", "valid/NDCG@10")
-MODELS = ("sasrec", "late-fusion", "odmt", "odmt-no-imt", "odmt-no-kd")
+# odmt-auto is trained as `odmt train --model odmt-auto` does (successive halving), its candidates one after
+# another so that its wall time is one thread's, like every other run's
+MODELS = ("sasrec", "late-fusion", "odmt", "odmt-imt", "odmt-auto")
 # Variants of the odmt preset tried while choosing its defaults: name -> OdmtConfig overrides.
 KD_ON = dict(kd_weight=0.5, kd_ramp=0.1, tau=0.4, kd_mask_seen=True)  # the distillation variants share these
 VARIANTS = {
@@ -56,12 +58,9 @@ VARIANTS = {
     # weights averaged over about 2 epochs of steps (TrainConfig.average_epochs)
     "odmt-avg2": dict(average_epochs=2.0),
     "sasrec-avg2": dict(preset="sasrec", average_epochs=2.0),
-    "odmt-no-imt-avg2": dict(preset="odmt-no-imt", average_epochs=2.0),
     # the raw and the averaged weights both scored each epoch, the better kept (TrainConfig.average_select)
     "odmt-avgsel": dict(average_epochs=2.0, average_select=True),
-    "odmt-no-imt-avgsel": dict(preset="odmt-no-imt", average_epochs=2.0, average_select=True),
     # the cheaper item tower affords a wider model
-    "odmt-no-imt-d128": dict(preset="odmt-no-imt", d_model=128),
     "odmt-d128": dict(d_model=128),
     # the learning rate x0.3 after 2 epochs without a valid improvement (TrainConfig.lr_plateau)
     "odmt-plateau": dict(lr_plateau=2),
@@ -73,9 +72,7 @@ VARIANTS = {
 # Composed from the candidates' runs by the rule train uses (selection.choose on the final fused valid
 # NDCG@10), since `--candidates` trains each candidate exactly as it trains alone.
 SELECTIONS = {
-    "odmt-select": ("odmt", "odmt-no-imt"),
-    "odmt-select-avg2": ("odmt-avg2", "odmt-no-imt-avg2"),
-    "odmt-auto": ("odmt-avgsel", "odmt-no-imt-avgsel"),  # `--model odmt-auto` (checked in same_as_train)
+    "odmt-select": ("odmt", "odmt-imt"),  # both trained to the end: what successive halving should pick
 }
 from odmt_t4r.anchors import RECBOLE_ML100K  # noqa: E402  (RecBole 1.2.1, same split, re-scored)
 
@@ -118,8 +115,10 @@ def prepared(dataset: str, work: Path) -> Path:
 
 
 EXECUTION_ONLY = ("progress", "threads", "epochs", "nproc", "amp", "device", "candidate_jobs")
+SELECTION_SETTINGS = {"candidate_jobs": 1}  # a named selection's candidates one after another, one thread
 # settings added after runs were benchmarked: at these values they train what those runs trained
-NEUTRAL = {"average_epochs": 0.0, "average_select": False, "item_to_item": 0.0, "candidates": None, "lr_plateau": 0, "lr_decay": 0.3}
+NEUTRAL = {"average_epochs": 0.0, "average_select": False, "item_to_item": 0.0, "candidates": None, "lr_plateau": 0,
+           "lr_decay": 0.3, "selection_rung": 5}
 
 
 def train_config(model: str, seed: int, epochs: int | None, patience: int | None):
@@ -129,6 +128,8 @@ def train_config(model: str, seed: int, epochs: int | None, patience: int | None
     variant = dict(VARIANTS.get(model, {}))
     preset = variant.pop("preset", model if model in MODELS else "odmt")  # a variant names its preset, else odmt
     settings = dict(model=preset, seed=seed, progress=False, threads=1, **variant)
+    if preset == "odmt-auto":
+        settings.update(SELECTION_SETTINGS)
     if epochs is not None:
         settings["epochs"] = epochs
     if patience is not None:
@@ -148,7 +149,7 @@ def effective_key(train: dict) -> str:
         return {k: v for k, v in d.items() if k not in skip and not (k in NEUTRAL and v == NEUTRAL[k])}
 
     cfg = meaningful(train, (*EXECUTION_ONLY, "extra", "model"))
-    model = meaningful({**cfg.pop("model_config"), **model_registry[train["model"]]}, ("name",))
+    model = meaningful({**cfg.pop("model_config"), **model_registry.get(train["model"], {})}, ("name",))
     return hashlib.sha256(json.dumps({**cfg, "model_config": model}, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -255,8 +256,11 @@ def composed_selections(runs: list[dict], models: list[str]) -> list[dict]:
 
 
 def _logged_seconds(run: Path) -> float:
-    """Training + validation time of every epoch in RUN/log.jsonl (across resumes)."""
-    lines = (run / "log.jsonl").read_text().splitlines()
+    """Training + validation time of every epoch in RUN/log.jsonl (across resumes); of a model selection,
+    every candidate's epochs."""
+    from odmt_t4r.contract import CANDIDATES
+    logs = sorted((run / CANDIDATES).glob("*/log.jsonl")) or [run / "log.jsonl"]
+    lines = [line for log in logs for line in log.read_text().splitlines()]
     return round(sum(json.loads(line)["seconds"] for line in lines if line.strip()), 1)
 
 
@@ -273,7 +277,12 @@ def aggregate(runs: list[dict]) -> dict:
             for k in keys:
                 vals = [r[k] for r in flat if k in r]
                 row[k] = {"mean": round(statistics.mean(vals), 4), "std": round(statistics.pstdev(vals), 4) if len(vals) > 1 else 0.0}
+            row["seconds_per_run"] = round(statistics.median(r["train_seconds"] for r in rs), 1)
             out.setdefault(ds, {})[m] = row
+    for models in out.values():  # wall time per run (median over seeds) over sasrec's, the same machine and run
+        base = models.get("sasrec", {}).get("seconds_per_run")
+        for row in models.values():
+            row["time_over_sasrec"] = round(row["seconds_per_run"] / base, 2) if base else None
     return out
 
 
@@ -282,10 +291,12 @@ def markdown(agg: dict) -> str:
     for ds, models in agg.items():
         cols = [*METRICS, *TABLE_EXTRA]
         lines += [f"**{ds}** (test, full ranking, history excluded; mean ± std over seeds)", "",
-                  "| model | " + " | ".join(cols) + " | seeds | min/run |", "|---" * (len(cols) + 3) + "|"]
+                  "| model | " + " | ".join(cols) + " | seeds | min/run | time / sasrec |", "|---" * (len(cols) + 4) + "|"]
         for m, row in models.items():
             cells = [f"{row[k]['mean']:.4f} ± {row[k]['std']:.4f}" if k in row else "-" for k in cols]
-            lines.append(f"| {m} | " + " | ".join(cells) + f" | {len(row['seeds'])} | {row['minutes_per_run']} |")
+            ratio = row.get("time_over_sasrec")
+            lines.append(f"| {m} | " + " | ".join(cells) + f" | {len(row['seeds'])} | {row['minutes_per_run']} | "
+                         + (f"{ratio:.1f}x |" if ratio is not None else "- |"))
         if source_of(ds) == "ml-100k":
             for name, vals in RECBOLE_ML100K.items():
                 lines.append(f"| {name} (anchor, 1 seed) | " + " | ".join(f"{vals[k]:.4f}" for k in METRICS)
@@ -397,7 +408,7 @@ def main() -> None:
         jobs = done
     runs = []
     # seed by seed (a partial benchmark still compares every model), the slow IMT runs first in each
-    jobs.sort(key=lambda j: (j[2], j[1] in ("sasrec", "late-fusion"), j[1] == "odmt-no-imt"))
+    jobs.sort(key=lambda j: (j[2], j[1] != "odmt-auto", j[1] != "odmt-imt", j[1] in ("sasrec", "late-fusion")))
     if args.jobs > 1:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed

@@ -172,7 +172,7 @@ def in_process(run: Path, data: Path, sessions: list, n: int, k: int, kinds: lis
         retriever = model.retriever()
         load_s = time.perf_counter() - t0
         with torch.inference_mode():
-            queries = [retriever.queries(h) for h in hist[:n]]
+            queries = [retriever.queries(model.session_states(h)) for h in hist[:n]]
         search = timed(lambda i: retriever.top_k(*queries[i], hist[i], k))
         out[kind] = {"search": search, "recommend": timed(lambda i: model.recommend(hist[i], k)), "load_s": round(load_s, 1)}
         if kind == "exact":

@@ -52,7 +52,8 @@ def step_rates(data_dir: Path, losses: list[str], steps: int, repeats: int, batc
             batches.append(b["items"])
         if len(batches) == steps:
             break
-    variants = {"sasrec": ("sasrec", {})}
+    # each preset with the loss it uses by default (the headline ratio), then both at each loss
+    variants = {"sasrec": ("sasrec", {}), "odmt": ("odmt", {}), "odmt-imt": ("odmt-imt", {})}
     for loss in losses:
         variants[f"odmt[{loss}]"] = ("odmt", {"loss": loss})
         variants[f"sasrec[{loss}]"] = ("sasrec", {"loss": loss})
@@ -76,6 +77,8 @@ def step_rates(data_dir: Path, losses: list[str], steps: int, repeats: int, batc
     unique = statistics.median(len(torch.unique(b[b > 0])) for b in batches)
     out = {"samples_per_s": rates, "batch": batch, "steps": len(batches), "repeats": repeats, "threads": threads,
            "max_length": data.max_length, "n_items": data.info.n_index - 3, "unique_items_per_batch": unique}
+    out["odmt_step_cost_over_sasrec"] = round(rates["sasrec"] / rates["odmt"], 2)
+    out["odmt-imt_step_cost_over_odmt"] = round(rates["odmt"] / rates["odmt-imt"], 2)
     for loss in losses:
         out[f"odmt_step_cost_over_sasrec[{loss}]"] = round(rates[f"sasrec[{loss}]"] / rates[f"odmt[{loss}]"], 2)
     return out
@@ -133,7 +136,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None, help="default: TrainConfig's batch size")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (TrainConfig's default is 1)")
     ap.add_argument("--loss", nargs="+", default=["full", "in_batch"])
-    ap.add_argument("--anchor-epochs", type=int, default=15)
+    ap.add_argument("--anchor-epochs", type=int, default=15, help="0 skips the anchor part")
     ap.add_argument("--parts", nargs="+", default=["steps", "anchor", "selection"],
                     choices=["steps", "anchor", "selection"], help="what to measure (the others are kept from --out)")
     ap.add_argument("--selection-epochs", type=int, default=3, help="epochs of each selection candidate")
@@ -153,10 +156,10 @@ def main() -> None:
             result["datasets"][d] = r
             print(json.dumps({d: r}), flush=True)
     ml = Path("ml-100k") if Path("ml-100k").is_dir() else _prepared("ml-100k", work)
-    if "anchor" in args.parts:
+    if "anchor" in args.parts and args.anchor_epochs > 0:  # 0: not measured (the JSON keeps the last figure)
         result["sasrec_time_to_recbole_anchor"] = time_to_anchor(ml, work, args.anchor_epochs)
         print(json.dumps(result["sasrec_time_to_recbole_anchor"]))
-    if "selection" in args.parts:
+    if "selection" in args.parts and args.selection_epochs > 0:
         result["selection_ml-100k"] = selection_wall_time(ml, work, args.selection_epochs, args.repeats)
         print(json.dumps(result["selection_ml-100k"]))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

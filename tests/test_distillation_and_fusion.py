@@ -196,16 +196,21 @@ def test_the_popularity_prior_is_a_learned_per_branch_weight_on_log_counts(data_
 
 
 # ---------------------------------------------------------------- early stopping
-def test_training_continues_while_any_branch_still_improves(data_dir, tmp_path):
-    cfg = train.TrainConfig.from_dict(dict(FAST, epochs=12, patience=2, lr=3e-3))
+def test_early_stopping_follows_the_fused_score_and_the_grid_runs_every_fusion_every_epochs(data_dir, tmp_path):
+    cfg = train.TrainConfig.from_dict(dict(FAST, epochs=12, patience=2, lr=3e-3, fusion_every=3))
     summary = train.train_run(cfg, data_dir, tmp_path / "run", log=lambda *_: None)
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    bad = 0
     for i, r in enumerate(log):
-        since = log[max(0, i - 1): i + 1]
-        if i + 1 < len(log):  # a run that went on had an improvement (fused or a branch) in the last `patience`
-            assert any(x["improved"] or x["branches_improved"] for x in since) or i < 1
-    if summary["stopped"]:
-        assert not any(x["improved"] or x["branches_improved"] for x in log[-2:])
+        bad = 0 if r["improved"] else bad + 1
+        assert r["improved"] == (r["valid"]["NDCG@10"] > max([x["valid"]["NDCG@10"] for x in log[:i]], default=-1))
+        if i + 1 < len(log):  # a run that went on had a better fused score within the last `patience` epochs
+            assert bad < 2
+        assert r["fusion_grid"] == (i == 0 or (i + 1) % 3 == 0)  # the grid after epoch 1 and every 3rd
+        if not r["fusion_grid"]:  # in between: the mean, the branches and the last grid's choice only
+            grid_choice = [x for x in log[:i] if x["fusion_grid"]][-1]["fusion"]
+            assert r["fusion"] in ("mean", grid_choice, "id", "text")
+    assert summary["stopped"] == (bad >= 2)
     best = max(log, key=lambda r: r["valid"]["NDCG@10"])
     assert summary["best_epoch"] == best["epoch"]
 

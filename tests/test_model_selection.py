@@ -14,7 +14,7 @@ from odmt_t4r.training.selection import CANDIDATES, SELECTION, choose, read_sele
 from tests.test_training import FAST, cli, data_dir, interrupted_then_resumed  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-PAIR = ["odmt", "odmt-no-imt"]
+PAIR = ["odmt", "odmt-imt"]
 
 
 def quiet(*_):
@@ -22,9 +22,9 @@ def quiet(*_):
 
 
 def test_choose_takes_the_best_score_and_the_first_listed_on_a_tie():
-    assert choose({"odmt": 0.10, "odmt-no-imt": 0.12}) == "odmt-no-imt"
-    assert choose({"odmt": 0.12, "odmt-no-imt": 0.12, "sasrec": 0.11}) == "odmt"
-    assert choose({"odmt-no-imt": 0.12, "odmt": 0.12}) == "odmt-no-imt"
+    assert choose({"odmt": 0.10, "odmt-imt": 0.12}) == "odmt-imt"
+    assert choose({"odmt": 0.12, "odmt-imt": 0.12, "sasrec": 0.11}) == "odmt"
+    assert choose({"odmt-imt": 0.12, "odmt": 0.12}) == "odmt-imt"
     with pytest.raises(ValueError):
         choose({})
 
@@ -51,6 +51,27 @@ def test_selection_trains_each_candidate_as_alone_and_keeps_the_best_on_validati
     assert sorted(p.name for p in (tmp_path / "sel" / CANDIDATES).iterdir()) == sorted(PAIR)
 
 
+def test_successive_halving_stops_the_loser_after_a_rung_and_trains_the_winner_as_alone(data_dir, tmp_path):
+    cfg = dict(FAST, epochs=4, candidates=PAIR, selection_rung=1)
+    summary = train.train_run(train.TrainConfig.from_dict(cfg), data_dir, tmp_path / "sel", log=quiet)
+    saved = read_selection(tmp_path / "sel")
+    (rung,) = saved["rungs"]  # two candidates: one rung, then the winner alone
+    assert rung["epochs"] == 1 and set(rung["scores"]) == set(PAIR)
+    winner = max(PAIR, key=lambda m: (rung["scores"][m], m == PAIR[0]))
+    loser = next(m for m in PAIR if m != winner)
+    assert rung["kept"] == [winner] and summary["chosen"] == saved["chosen"] == winner
+    epochs = {m: len((tmp_path / "sel" / CANDIDATES / m / "log.jsonl").read_text().splitlines()) for m in PAIR}
+    assert epochs == {loser: 1, winner: 4}  # the loser cost one epoch
+    assert summary["candidates"][loser] == pytest.approx(rung["scores"][loser])
+    # the winner paused after the rung and resumed is the same model as trained straight through alone
+    alone = train.train_run(train.TrainConfig.from_dict(dict(FAST, epochs=4, model=winner)), data_dir,
+                            tmp_path / winner, log=quiet)
+    assert summary["candidates"][winner] == pytest.approx(alone["fusion"]["valid_NDCG@10"])
+    a = torch.load(tmp_path / "sel" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / winner / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_killed_selection_resumes_to_the_same_choice(data_dir, tmp_path):
     cfg = dict(FAST, epochs=3, candidates=PAIR)
     straight = train.train_run(train.TrainConfig.from_dict(cfg), data_dir, tmp_path / "a", log=quiet)
@@ -65,7 +86,7 @@ def test_a_killed_selection_resumes_to_the_same_choice(data_dir, tmp_path):
 def test_a_selection_folder_is_not_overwritten_and_bad_candidates_are_refused(data_dir, tmp_path, capsys):
     out = tmp_path / "sel"
     assert cli(train, ["--data", data_dir, "--out", out, "--epochs", 1, "--no-progress", "--d-model", 16,
-                       "--modalities", "id", "text", "--candidates", "odmt", "odmt-no-imt"]) == 0
+                       "--modalities", "id", "text", "--candidates", "odmt", "odmt-imt"]) == 0
     assert json.loads(capsys.readouterr().out)["chosen"] in PAIR
     assert cli(train, ["--data", data_dir, "--out", out, "--epochs", 1, "--candidates", "odmt", "sasrec"]) == 2
     assert "already holds a model selection; pass --resume" in capsys.readouterr().err
@@ -84,7 +105,7 @@ def test_a_selection_folder_is_not_overwritten_and_bad_candidates_are_refused(da
 
 def test_odmt_auto_is_a_named_selection_whose_settings_win(data_dir, tmp_path):
     cfg = train.TrainConfig.from_dict(dict(FAST, model="odmt-auto", epochs=2, average_epochs=0.0))
-    assert cfg.candidates == ["odmt", "odmt-no-imt"] and cfg.average_epochs == 2.0 and cfg.average_select
+    assert cfg.candidates == ["odmt", "odmt-imt"] and cfg.average_epochs == 2.0 and cfg.average_select
     summary = train.train_run(cfg, data_dir, tmp_path / "auto", log=quiet)
     assert summary["chosen"] in PAIR and set(summary["candidates"]) == set(PAIR)
     for name in PAIR:  # each candidate trained with the selection's weight averaging

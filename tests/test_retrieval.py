@@ -81,20 +81,25 @@ def test_hnsw_finds_the_exact_top_k_on_a_small_catalog_with_exact_scores(model, 
 def test_the_hnsw_index_is_built_once_and_then_read_from_its_cache(model, tmp_path):
     model.set_fusion(None)
     cfg = RetrievalConfig(index="hnsw", cache_dir=str(tmp_path))
-    first = FusedRetriever(model, cfg)
+    model.set_retrieval(cfg)
+    first = model.retriever()
     (cached,) = (tmp_path / "retrieval").glob("hnsw-*.faiss")
     stamp = cached.stat().st_mtime_ns
-    second = FusedRetriever(model, cfg)
-    assert cached.stat().st_mtime_ns == stamp
+    model.set_retrieval(cfg)  # a new retriever over the same catalog
+    second = model.retriever()
+    assert second is not first and cached.stat().st_mtime_ns == stamp
     history = histories(model.config.n_index)
-    assert torch.equal(first.search(history, 10)[1], second.search(history, 10)[1])
+    states = model.session_states(history)
+    assert torch.equal(first.search(states, history, 10)[1], second.search(states, history, 10)[1])
 
 
 def test_auto_is_exact_for_small_catalogs_and_hnsw_above_the_threshold(model, tmp_path):
     model.set_fusion(None)
-    assert FusedRetriever(model, RetrievalConfig()).kind == "exact"
+    catalog = model.catalog_vectors()
+    weights = {b: 1.0 for b in model.branch_names}
+    assert FusedRetriever(catalog, weights, config=RetrievalConfig()).kind == "exact"
     cfg = RetrievalConfig(exact_max_items=100, cache_dir=str(tmp_path))
-    assert FusedRetriever(model, cfg).kind == "hnsw"
+    assert FusedRetriever(catalog, weights, config=cfg).kind == "hnsw"
 
 
 def test_a_saved_run_keeps_its_retrieval_settings_and_rejects_bad_ones(model, data_dir, tmp_path):

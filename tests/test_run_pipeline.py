@@ -113,7 +113,7 @@ def test_the_main_job_with_a_model_selection_serves_and_reports_the_chosen_model
                 "--config", str(tmp_path / "model.json"), "--sessions", "2", "--k", str(K))
     assert done.returncode == 0, done.stderr[-4000:]
     selection = read_selection(work / "runs" / "odmt-auto")
-    assert set(selection["candidates"]) == {"odmt", "odmt-no-imt"} and selection["chosen"] in selection["candidates"]
+    assert set(selection["candidates"]) == {"odmt", "odmt-imt"} and selection["chosen"] in selection["candidates"]
     config = json.loads((work / "runs" / "odmt-auto" / "config.json").read_text())
     assert config["train"]["model"] == selection["chosen"]  # RUN is the chosen candidate's, whole
     for name in selection["candidates"]:
@@ -334,7 +334,7 @@ def test_a_config_that_asks_for_a_model_selection_is_refused(tmp_path, capsys):
     from odmt_t4r.cli import main
 
     config = tmp_path / "config.json"
-    config.write_text('{"candidates": ["odmt", "odmt-no-imt"]}')
+    config.write_text('{"candidates": ["odmt", "odmt-imt"]}')
     assert main(["run", "--out", str(tmp_path / "work"), "--config", str(config)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("odmt run: error: --config sets candidates"), err

@@ -157,7 +157,9 @@ class ModalityStore:
         layout; `n_tokens` keeps only each modality's first tokens (1 = the summary / CLS only)."""
         idx = item_idx.detach().cpu().long()
         if self._torch is not None:  # in RAM: pooled into the layout at load; memory-mapped: pooled per lookup
-            out = {k: (t[idx].float() if k in CONTENT_MODALITIES else t[idx].bool()) for k, t in self._torch.items()}
+            # cut the tokens before gathering the rows: the independent tower reads 1 token of 5-9 per item
+            cut = {k: (t[:, :n_tokens] if n_tokens is not None and t.dim() >= 2 else t) for k, t in self._torch.items()}
+            return {k: (t[idx].float() if k in CONTENT_MODALITIES else t[idx].bool()) for k, t in cut.items()}
         else:
             out = self._raw(idx)
         if n_tokens is not None:

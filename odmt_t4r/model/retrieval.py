@@ -83,28 +83,29 @@ def faiss_available() -> bool:
 
 
 class FusedRetriever:
-    """The fused score as one item matrix and one query per session (see the module docstring)."""
+    """The fused score as one item matrix and one query per session (see the module docstring). Built from
+    plain arrays, so anything that has branch item vectors and session states can search with it."""
 
-    def __init__(self, model, config: RetrievalConfig | None = None):
+    def __init__(self, branch_items: dict[str, torch.Tensor], weights: dict[str, float], log_softmax: bool = False,
+                 prior_weights: dict[str, float] | None = None, log_counts: torch.Tensor | None = None,
+                 config: RetrievalConfig | None = None):
+        """branch_items {branch: [N D]} every index row's item vectors; weights {branch: w} the fusion (only
+        w > 0 are used); prior_weights {branch: pw} and log_counts [N] the popularity prior pw * log_counts,
+        or None without a prior; log_softmax: the weighted scores are log-softmax scores."""
         self.config = (config or RetrievalConfig()).validate()
-        self.model = model
-        c = model.config
-        names = model.branch_names
-        weights = c.fusion_weights or {b: 1.0 / len(names) for b in names}
-        self.weights = {b: float(weights[b]) for b in names if weights.get(b, 0.0) > 0}
-        self.log_softmax = c.fusion_weights is not None and c.fusion_scores == "log_softmax"
-        catalog = model.catalog_vectors()
-        parts = [catalog[b].detach().float().cpu() for b in self.weights]
+        self.weights = {b: float(w) for b, w in weights.items() if w > 0}
+        self.log_softmax = log_softmax
+        parts = [branch_items[b].detach().float().cpu() for b in self.weights]
         self.widths = [p.shape[1] for p in parts]
-        self.has_prior = model.popularity_weight is not None
+        self.has_prior = prior_weights is not None
+        self.prior_weights = {b: float(prior_weights[b]) for b in self.weights} if self.has_prior else {}
         if self.has_prior:
-            parts.append(torch.log1p(model.train_count.detach().float().cpu())[:, None])
+            parts.append(log_counts.detach().float().cpu()[:, None])
         self.items = torch.cat(parts, 1).contiguous()  # [N D'] float32
         # [D'] query = [states ; 1] * scale: w_b on each branch's columns, sum_b w_b pw_b on the prior's
         scale = [torch.full((w,), wt) for w, wt in zip(self.widths, self.weights.values())]
         if self.has_prior:
-            pw = dict(zip(model.branch_names, model.popularity_weight.detach().float().cpu().tolist()))
-            scale.append(torch.tensor([sum(wt * pw[b] for b, wt in self.weights.items())]))
+            scale.append(torch.tensor([sum(wt * self.prior_weights[b] for b, wt in self.weights.items())]))
         self._query_scale = torch.cat(scale)
         self.n_items = self.items.shape[0] - RESERVED_ROWS
         kind = self.config.index
@@ -116,23 +117,19 @@ class FusedRetriever:
                                  if kind == "hnsw" and self.log_softmax else "fused score")
 
     # -- queries --------------------------------------------------------------------------------
-    def queries(self, history: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """history [B S] -> (query vectors [B D']: the weighted session states and the prior's weight,
-        each used branch's own state [B D])."""
-        states = self.model.session_states(history)
+    def queries(self, states: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """{branch: [B D]} session states -> (query vectors [B D']: the weighted session states and the
+        prior's weight, each used branch's own state [B D])."""
         used = [states[b].float().cpu() for b in self.weights]  # the item matrix lives on the CPU
         ones = [torch.ones(len(used[0]), 1)] if self.has_prior else []
         return torch.cat(used + ones, 1) * self._query_scale, used
 
     @torch.no_grad()
-    def search(self, history: torch.Tensor, k: int, exclude_history: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k (scores [B K], item indices [B K]), K = min(k, catalog size); -inf scores where no item is left."""
-        from .odmt import clip_history
-
-        history = clip_history(history.long(), self.model.config.max_length)
-        q, states = self.queries(history.to(self.model.log_popularity.device))
-        history = history.cpu()
-        return self.top_k(q, states, history if exclude_history else torch.zeros_like(history[:, :1]), k)
+    def search(self, states: dict[str, torch.Tensor], excluded: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k (scores [B K], item indices [B K]), K = min(k, catalog size), of the sessions' states;
+        excluded [B S] item indices never returned (0 = pad); -inf scores where no item is left."""
+        q, used = self.queries(states)
+        return self.top_k(q, used, excluded.long().cpu(), k)
 
     def top_k(self, q: torch.Tensor, states: list[torch.Tensor], excluded: torch.Tensor, k: int):
         """The search itself, from `queries(history)`; excluded [B S] item indices (0 = pad)."""
@@ -167,12 +164,10 @@ class FusedRetriever:
     def _branch_blocks(self, states: list[torch.Tensor], block: torch.Tensor, start: int) -> list[torch.Tensor]:
         """Each used branch's own raw score (with its prior) on a block, reserved rows -inf. [B n] each."""
         out, col = [], 0
-        pw = self.model.popularity_weight
-        index = {b: i for i, b in enumerate(self.model.branch_names)}
         for b, h, width in zip(self.weights, states, self.widths):
             s = h @ block[:, col:col + width].t()
             if self.has_prior:
-                s = s + float(pw[index[b]]) * block[:, -1]
+                s = s + self.prior_weights[b] * block[:, -1]
             col += width
             if start < RESERVED_ROWS:
                 s[:, : RESERVED_ROWS - start] = float("-inf")

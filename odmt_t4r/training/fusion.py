@@ -65,6 +65,18 @@ def fusion_candidates(branches: list[str], step: float = 0.1) -> list[FusionCand
     return out
 
 
+def epoch_candidates(branches: list[str], incumbent: dict | None) -> list[FusionCandidate]:
+    """The fusions scored between two grid epochs: the plain mean, each branch alone and `incumbent`
+    ({"weights", "scores"} as choose_fusion returns it), named as in the grid."""
+    out = [FusionCandidate(None)]
+    out += [FusionCandidate(tuple((x, 1.0 if x == b else 0.0) for x in branches)) for b in branches]
+    if incumbent is not None and incumbent["weights"] is not None:
+        c = FusionCandidate(tuple((b, float(incumbent["weights"].get(b, 0.0))) for b in branches), incumbent["scores"])
+        if c.name not in {o.name for o in out}:
+            out.append(c)
+    return out
+
+
 @torch.no_grad()
 def evaluate_fusions(model: OdmtRecommender, data: PreparedData, split: str = "valid", step: float = 0.1,
                      batch_size: int = 512, candidates: list[FusionCandidate] | None = None,

@@ -8,10 +8,10 @@ branches, the PeerDistillationTask): the T4R/HF Trainer expects one `tr.Model` w
 produces the targets and evaluates without the history exclusion this project's protocol needs, and the
 KD ramp, per-branch logging and exact resume are simpler to get right here.
 
-After each epoch every branch, the plain mean and a grid of fusions are scored on the validation split
-(training/fusion.py). The model kept is the epoch with the best fused validation NDCG@10; training stops
-when neither the fused score nor any single branch has improved for `patience` epochs, so a branch that
-is still learning is never cut off. The final fusion is then chosen on a finer grid and saved.
+After each epoch every branch, the plain mean and the fusion chosen last are scored on the validation split
+(training/fusion.py), and every `fusion_every` epochs a coarse grid of fusions. The model kept is the epoch
+with the best fused validation NDCG@10; training stops when that score has not improved for `patience`
+epochs. The final fusion is then chosen on a finer grid and saved.
 
 RUN/ holds:
     config.json        model config (with the chosen fusion) + TrainConfig + the prepared DIR and its hash
@@ -50,7 +50,7 @@ from odmt_t4r.output_folder import atomic_write, fault_point
 from . import distributed
 from .averaging import WeightAverage
 from .data import PreparedData
-from .fusion import choose_fusion, evaluate_fusions, select_fusion
+from .fusion import choose_fusion, epoch_candidates, evaluate_fusions, select_fusion
 from .progress import progress_bar
 from .selection import SELECTION_PRESETS, train_candidates, with_preset
 
@@ -74,6 +74,9 @@ class TrainConfig:
     # candidates trained side by side, one process each; 0 = as many as the CPU cores allow at `threads`
     # each (one after another with nproc > 1 or on a GPU); 1 = one after another. Results do not change.
     candidate_jobs: int = 0
+    # successive halving: every candidate trains this many epochs, the better half on validation twice as
+    # many, and so on, the last one to the end (selection.py); 0 = every candidate trains to the end
+    selection_rung: int = 5
     # optimisation
     lr: float = 1e-3
     weight_decay: float = 0.1
@@ -82,7 +85,10 @@ class TrainConfig:
     eval_batch_size: int = 512
     # a ceiling, not the schedule: early stopping ends runs (the KD ramp is a fraction of this budget)
     epochs: int = 100
-    patience: int = 5  # epochs in which neither the fused score nor any branch improved on valid NDCG@10
+    patience: int = 5  # epochs without a better fused valid NDCG@10 before the run stops
+    # the coarse fusion grid is scored after the first epoch and every this many; the epochs in between
+    # score the plain mean, each branch and the last grid's choice (the final fusion always uses the fine grid)
+    fusion_every: int = 5
     # after this many such epochs the learning rate is multiplied by lr_decay (again at each later plateau
     # of that length), so a run settles before patience ends it; 0 = a constant learning rate
     lr_plateau: int = 0
@@ -122,9 +128,11 @@ class TrainConfig:
             if unknown or len(set(self.candidates)) != len(self.candidates) or len(self.candidates) < 2:
                 raise ValueError(f"candidates must be at least two different presets of {sorted(model_registry)}, "
                                  f"got {self.candidates}")
+        if self.selection_rung < 0:
+            raise ValueError(f"selection_rung must be >= 0 (0 = every candidate to the end), got {self.selection_rung}")
         if self.candidate_jobs < 0:
             raise ValueError(f"candidate_jobs must be >= 0 (0 = as many as the cores allow), got {self.candidate_jobs}")
-        for name in ("epochs", "batch_size", "eval_batch_size", "patience", "threads", "nproc"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "patience", "threads", "nproc", "fusion_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.average_epochs >= 0:
@@ -253,9 +261,10 @@ def _load_checkpoint(path: Path) -> dict:
 
 
 def train_run(cfg: TrainConfig, data_dir: str | os.PathLike, out: str | os.PathLike, resume: bool = False,
-              epochs: int | None = None, log=_log_to_stderr) -> dict:
+              epochs: int | None = None, log=_log_to_stderr, until: int | None = None) -> dict:
     """Train into `out`; returns {"best_epoch", "best": valid metrics, "epochs_run", "stopped", "fusion"}.
-    With `resume`, the RUN's saved TrainConfig is used (only `epochs` and `progress` may change)."""
+    With `resume`, the RUN's saved TrainConfig is used (only `epochs` and `progress` may change).
+    `until`: pause after this many epochs (a later resume continues; the budget and the schedule stay)."""
     out = Path(out)
     cfg = TrainConfig.from_dict(cfg.to_dict())  # a named selection's settings applied
     if cfg.candidates or (resume and read_selection(out) is not None):
@@ -275,19 +284,20 @@ def train_run(cfg: TrainConfig, data_dir: str | os.PathLike, out: str | os.PathL
     cfg.validate()
     torchrun = distributed.from_environment()
     if cfg.nproc > 1 and torchrun is None:  # local processes; rank 0 leaves its summary in the RUN
-        distributed.spawn(_train_worker, cfg.nproc, cfg, str(data_dir), str(out), resume)
+        distributed.spawn(_train_worker, cfg.nproc, cfg, str(data_dir), str(out), resume, until)
         return json.loads((out / SUMMARY).read_text())
     threads_before = torch.get_num_threads()
     torch.set_num_threads(max(1, cfg.threads))
     try:
-        return _train(cfg, data_dir, out, resume, ckpt_path, log, torchrun or distributed.Ranks())
+        return _train(cfg, data_dir, out, resume, ckpt_path, log, torchrun or distributed.Ranks(), until)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _train_worker(ranks: distributed.Ranks, cfg: TrainConfig, data_dir: str, out: str, resume: bool) -> None:
+def _train_worker(ranks: distributed.Ranks, cfg: TrainConfig, data_dir: str, out: str, resume: bool,
+                  until: int | None = None) -> None:
     torch.set_num_threads(max(1, cfg.threads))
-    _train(cfg, data_dir, Path(out), resume, Path(out) / "checkpoint.pt", _log_to_stderr, ranks)
+    _train(cfg, data_dir, Path(out), resume, Path(out) / "checkpoint.pt", _log_to_stderr, ranks, until)
 
 
 def _valid_metrics(results: dict, branches: list[str]) -> tuple[dict, dict]:
@@ -301,7 +311,7 @@ def _valid_metrics(results: dict, branches: list[str]) -> tuple[dict, dict]:
 
 
 def _train(cfg: TrainConfig, data_dir, out: Path, resume: bool, ckpt_path: Path, log,
-           ranks: distributed.Ranks) -> dict | None:
+           ranks: distributed.Ranks, until: int | None = None) -> dict | None:
     seed_everything(cfg.seed)
     if not ranks.main:
         log = _quiet  # rank 0 speaks and writes for the group
@@ -331,7 +341,7 @@ def _train(cfg: TrainConfig, data_dir, out: Path, resume: bool, ckpt_path: Path,
     branches = model.branch_names
 
     state = {"epoch": -1, "best_metric": -math.inf, "best_epoch": -1, "best": {}, "bad_epochs": 0,
-             "stopped": False, "branch_best": {}}
+             "stopped": False, "incumbent": None}
     log_path = out / "log.jsonl"
     if resume and ckpt_path.is_file():
         ckpt = _load_checkpoint(ckpt_path)
@@ -363,7 +373,7 @@ def _train(cfg: TrainConfig, data_dir, out: Path, resume: bool, ckpt_path: Path,
         + (f", {ranks.world} processes" if ranks.world > 1 else "") + (f", {device}" if device.type != "cpu" else "")
         + (f", amp {cfg.amp}" if cfg.amp != "off" else ""))
 
-    for epoch in range(state["epoch"] + 1, cfg.epochs):
+    for epoch in range(state["epoch"] + 1, min(cfg.epochs, until or cfg.epochs)):
         if state["stopped"]:
             break
         t0 = time.perf_counter()
@@ -408,14 +418,20 @@ def _train(cfg: TrainConfig, data_dir, out: Path, resume: bool, ckpt_path: Path,
             views["raw"] = contextlib.nullcontext
         if average is not None:
             views["average"] = lambda: average.applied(model)
+        # the coarse fusion grid every `fusion_every` epochs; in between the mean, each branch and the last
+        # grid's choice (the grid was 19% of a fashion epoch, benchmarks/epoch_profile.py)
+        full_grid = state.get("incumbent") is None or (epoch + 1) % cfg.fusion_every == 0
+        candidates = None if full_grid else epoch_candidates(branches, state["incumbent"])
         scored = {}
         for view, holding in views.items():
             with holding():
                 results = evaluate_fusions(model, data, "valid", step=cfg.epoch_fusion_step,
-                                           batch_size=cfg.eval_batch_size)
+                                           batch_size=cfg.eval_batch_size, candidates=candidates)
                 scored[view] = _valid_metrics(results, branches)
         view = max(scored, key=lambda v: scored[v][0]["NDCG@10"])  # a tie keeps the raw weights
         metrics, choice = scored[view]
+        if full_grid:
+            state["incumbent"] = {"weights": choice["weights"], "scores": choice["scores"]}
         improved = metrics["NDCG@10"] > state["best_metric"]
         if improved:
             with views[view]():
@@ -424,19 +440,9 @@ def _train(cfg: TrainConfig, data_dir, out: Path, resume: bool, ckpt_path: Path,
                 model.save_pretrained(out, extra=run_info)
         seconds = time.perf_counter() - t0
 
-        # each view's branches, and its fused score when both views are scored, against that view's own best:
-        # the run goes on while either view would have gone on alone
-        tracked = {}
-        for v, (m, _) in scored.items():
-            prefix = "" if len(scored) == 1 else f"{v}:"
-            tracked.update({prefix + b: m[f"{b}/NDCG@10"] for b in branches})
-            if prefix:
-                tracked[prefix + "fused"] = m["NDCG@10"]
-        branch_improved = [k for k, score in tracked.items() if score > state["branch_best"].get(k, -math.inf)]
-        for k in branch_improved:
-            state["branch_best"][k] = tracked[k]
-        # a run ends only when neither the fused score nor any branch is still improving
-        state["bad_epochs"] = 0 if (improved or branch_improved) else state["bad_epochs"] + 1
+        # early stopping follows the fused score alone: a branch still creeping up kept runs going for
+        # 5-10 more epochs without a better fused model (benchmarks/quality.py, docs/benchmarks/training-speed.md)
+        state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
         state["epoch"] = epoch
         state["stopped"] = state["bad_epochs"] >= cfg.patience
         if cfg.lr_plateau and state["bad_epochs"] == cfg.lr_plateau and not state["stopped"]:
@@ -446,8 +452,7 @@ def _train(cfg: TrainConfig, data_dir, out: Path, resume: bool, ckpt_path: Path,
                 f"{optimizer.param_groups[0]['lr']:.2e}")
 
         record = {"epoch": epoch + 1, "losses": losses, "kd_weight": kd_w, "valid": metrics,
-                  "fusion": choice["name"], "weights": view, "improved": improved,
-                  "branches_improved": branch_improved,
+                  "fusion": choice["name"], "weights": view, "improved": improved, "fusion_grid": full_grid,
                   "train_seconds": round(train_seconds, 2), "seconds": round(seconds, 2)}
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -466,7 +471,7 @@ def _train(cfg: TrainConfig, data_dir, out: Path, resume: bool, ckpt_path: Path,
         fault_point("train-after-checkpoint")
         ranks.share((state["stopped"], optimizer.param_groups[0]["lr"]))
         if state["stopped"]:
-            log(f"early stop: neither the fused score nor any branch improved valid NDCG@10 for {cfg.patience} epochs")
+            log(f"early stop: the fused valid NDCG@10 has not improved for {cfg.patience} epochs")
 
     if not ranks.main:
         ranks.barrier()
@@ -533,7 +538,7 @@ def _flag_fields():
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="a prepared DIR (odmt prepare)")
     p.add_argument("--model", choices=MODEL_CHOICES, default=None,
-                   help="default: odmt; odmt-auto: odmt and odmt-no-imt trained alike, the best on validation kept")
+                   help="default: odmt; odmt-auto: odmt and odmt-imt by successive halving on validation")
     p.add_argument("--out", required=True, help="the RUN folder")
     p.add_argument("--config", default=None, help="JSON file of TrainConfig fields (model fields flat or "
                                                   "under model_config); flags win over it")
