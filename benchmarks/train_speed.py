@@ -108,17 +108,16 @@ def selection_wall_time(data_dir: Path, work: Path, epochs: int, repeats: int) -
     (--candidate-jobs 1) and side by side (0: as many as the cores allow), interleaved; medians."""
     import shutil
     from odmt_t4r.parallel import usable_cores
-    from odmt_t4r.training.train import TrainConfig, train_run
+    from odmt_t4r.training.selection import train_model
 
     seconds = {1: [], 0: []}
     for _ in range(repeats):
         for jobs in seconds:
             run = work / "runs" / f"speed-selection-{jobs}"
             shutil.rmtree(run, ignore_errors=True)
-            cfg = TrainConfig.from_dict(dict(model="odmt-auto", epochs=epochs, patience=epochs, progress=False,
-                                             candidate_jobs=jobs))
+            settings = dict(model="odmt-auto", epochs=epochs, patience=epochs, progress=False, candidate_jobs=jobs)
             start = time.perf_counter()
-            summary = train_run(cfg, data_dir, run, log=lambda m: None)
+            summary = train_model(settings, data_dir, run, log=lambda m: None)
             seconds[jobs].append(time.perf_counter() - start)
             print(f"selection, candidate_jobs {jobs}: {seconds[jobs][-1]:.1f}s (chose {summary['chosen']})",
                   file=sys.stderr, flush=True)

@@ -17,7 +17,7 @@ import warnings
 # name -> (module, one-line help)
 COMMANDS = {
     "prepare": ("odmt_t4r.prepare", "load a source, build item features, run the NVTabular workflows, write DIR"),
-    "train": ("odmt_t4r.training.train", "train odmt / sasrec / late-fusion on a prepared DIR into RUN"),
+    "train": ("odmt_t4r.training.command", "train odmt / sasrec / late-fusion or a model selection on a prepared DIR into RUN"),
     "evaluate": ("odmt_t4r.training.evaluate", "full-ranking HR/NDCG of a RUN on the valid or test split"),
     "add-items": ("odmt_t4r.catalog_update", "add new catalog items to a trained RUN from their content (no retraining)"),
     "export": ("triton_models.export", "export a RUN as a Triton model repository (merlin-systems ensemble)"),

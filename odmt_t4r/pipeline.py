@@ -239,20 +239,22 @@ def prepare_config(o: RunOptions, work: Path):
     return cfg
 
 
-def train_config(o: RunOptions, model: str):
-    """TrainConfig of one model: the --config file, then --epochs / --seed, then the model preset."""
-    from odmt_t4r.training.train import TrainConfig, settings_from_args
+def train_settings(o: RunOptions, model: str) -> dict:
+    """The training settings of one model: the --config file, then --epochs / --seed, then the model (a
+    preset or a named selection), as the RUN records them (selection.recorded_settings)."""
+    from odmt_t4r.training.command import settings_from_args
+    from odmt_t4r.training.selection import recorded_settings, resolve
 
     settings = settings_from_args(argparse.Namespace(config=o.config, model=None, seed=o.seed, no_progress=False))
     if settings.get("candidates"):  # a selection is a RUN of its own (selection.py); the report compares two models
         raise ValueError("--config sets candidates; odmt run trains --model and --baseline, choose them there "
                          "(odmt train --candidates trains a model selection)")
     settings.update(model=model, epochs=o.epochs, progress=True)
-    return TrainConfig.from_dict(settings).validate()
+    return recorded_settings(*resolve(settings))
 
 
 def check_options(o: RunOptions) -> None:
-    from odmt_t4r.training.train import MODEL_CHOICES
+    from odmt_t4r.training.selection import MODEL_CHOICES
 
     for name in ("epochs", "sessions", "k"):
         if getattr(o, name) < 1:
@@ -295,33 +297,33 @@ def _remove_run(run_dir: Path) -> None:
     shutil.rmtree(run_dir)
 
 
-def _resumable(run_dir: Path, cfg, data_sha256: str | None) -> bool:
+def _resumable(run_dir: Path, settings: dict, data_sha256: str | None) -> bool:
     """RUN holds a checkpoint of training with exactly these settings on this data (a stage killed before it
     cleared an older RUN must not resume that one)."""
     same = lambda d: {k: v for k, v in json.loads(json.dumps(d, default=str)).items() if k != "progress"}  # noqa: E731
     selection = read_selection(run_dir)
     if selection is not None:  # a model selection: its candidates resume from their own checkpoints
-        return same(selection["train"]) == same(cfg.to_dict()) and selection.get("data_sha256") == data_sha256
+        return same(selection["train"]) == same(settings) and selection.get("data_sha256") == data_sha256
     try:
         saved = json.loads((run_dir / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    return ((run_dir / "checkpoint.pt").is_file() and same(saved.get("train", {})) == same(cfg.to_dict())
+    return ((run_dir / "checkpoint.pt").is_file() and same(saved.get("train", {})) == same(settings)
             and saved.get("data", {}).get("manifest_sha256") == data_sha256)
 
 
 def train_stage(o: RunOptions, work: Path, model: str) -> Stage:
-    from odmt_t4r.training.train import train_run
+    from odmt_t4r.training.selection import train_model
 
-    cfg = train_config(o, model)
+    settings = train_settings(o, model)
     run_dir = work / "runs" / model
-    inputs = {"data": sha256_of(work / "data" / "manifest.json"), "train": cfg.to_dict()}
+    inputs = {"data": sha256_of(work / "data" / "manifest.json"), "train": settings}
 
     def run(resume: bool) -> dict:
-        resume = resume and _resumable(run_dir, cfg, inputs["data"])
+        resume = resume and _resumable(run_dir, settings, inputs["data"])
         if not resume:
             _remove_run(run_dir)  # stale: trained on other data or settings, or never checkpointed
-        summary = train_run(cfg, work / "data", run_dir, resume=resume)
+        summary = train_model(settings, work / "data", run_dir, resume=resume)
         return {k: summary[k] for k in ("best_epoch", "epochs_run", "stopped")} | {"fusion": summary["fusion"]["name"]}
 
     return Stage(f"train-{model}", inputs, [f"runs/{model}/{f}" for f in ("config.json", "model.pt", "log.jsonl")],
@@ -524,7 +526,7 @@ def run_pipeline(o: RunOptions) -> dict:
     check_options(o)  # every setting is checked before WORK is touched
     prepare_config(o, Path(o.out))
     for model in (o.model, o.baseline):
-        train_config(o, model)
+        train_settings(o, model)
     t0 = time.perf_counter()
     with WorkFolder(o.out) as work:
         records = StageRecords(work)

@@ -250,15 +250,21 @@ def test_train_config_holds_the_model_config_and_checks_types():
 
 
 def test_every_model_field_is_an_odmt_train_flag():
+    from odmt_t4r.training import command
+    from odmt_t4r.training.selection import SelectionConfig
+
     parser = argparse.ArgumentParser()
-    train.add_arguments(parser)
+    command.add_arguments(parser)
     flags = {a.dest for a in parser._actions}
     for f in OdmtConfig.__dataclass_fields__:
         if f not in OdmtConfig.DERIVED:
             assert f in flags, f
+    for f in [*train.TrainConfig.__dataclass_fields__, *SelectionConfig.__dataclass_fields__]:
+        if f not in (*command.TRAIN_FLAGS_SKIP, "name"):
+            assert f in flags, f
     args = parser.parse_args(["--data", "d", "--out", "o", "--kd-mode", "mutual", "--no-popularity-prior",
                               "--modalities", "id", "text", "--tau", "0.3", "--lr", "0.002", "--kd-mask-seen"])
-    cfg = train.TrainConfig.from_dict(train.settings_from_args(args))
+    cfg = train.TrainConfig.from_dict(command.settings_from_args(args))
     m = cfg.model_config
     assert (m.kd_mode, m.popularity_prior, m.modalities, m.tau, m.kd_mask_seen) == ("mutual", False, ["id", "text"], 0.3, True)
     assert cfg.lr == 0.002

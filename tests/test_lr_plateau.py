@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from odmt_t4r.training import train
+from odmt_t4r.training import command, train
 from tests.test_training import FAST, cli, data_dir  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -33,5 +33,5 @@ def test_without_lr_plateau_the_rate_is_constant_and_bad_settings_are_refused(da
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert [g["lr"] for g in ckpt["optimizer"]["param_groups"]] == pytest.approx([1e-9, 1e-9])
     for flags in (["--lr-plateau", "-1"], ["--lr-decay", "0"], ["--lr-decay", "1.5"]):
-        assert cli(train, ["--data", data_dir, "--out", tmp_path / "x", *flags]) == 2
+        assert cli(command, ["--data", data_dir, "--out", tmp_path / "x", *flags]) == 2
         assert "need lr_plateau >= 0 and 0 < lr_decay <= 1" in capsys.readouterr().err

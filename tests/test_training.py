@@ -1,13 +1,13 @@
 """`odmt train` / `odmt evaluate` on a tiny prepared DIR: fitting, RUN layout, resume, determinism."""
 
-import argparse
 import json
 
 import pytest
 import torch
 
 from odmt_t4r.model import OdmtRecommender, build_model, history_and_target
-from odmt_t4r.training import evaluate, train
+from odmt_t4r.training import command, evaluate
+from odmt_t4r.training.selection import train_model
 from odmt_t4r.training.data import PreparedData, pad_ragged
 from odmt_t4r.training.metrics import hr_ndcg, target_ranks
 from tests.synthetic import make_synthetic_prepared
@@ -26,9 +26,11 @@ def data_dir(tmp_path_factory):
 
 
 def cli(module, argv):
-    parser = argparse.ArgumentParser()
-    module.add_arguments(parser)
-    return module.run(parser.parse_args([str(a) for a in argv]))
+    """`odmt <the module's command> ARGV` through the CLI entry, which prints errors and sets exit codes."""
+    from odmt_t4r import cli as entry
+
+    name = next(n for n, (m, _) in entry.COMMANDS.items() if m == module.__name__)
+    return entry.main([name, *(str(a) for a in argv)])
 
 
 def test_pad_ragged_right_pads_and_keeps_the_tail():
@@ -75,7 +77,7 @@ def test_train_then_evaluate_writes_the_run_folder(data_dir, tmp_path):
     config = tmp_path / "config.json"
     config.write_text(json.dumps(FAST))
     run = tmp_path / "run"
-    assert cli(train, ["--data", data_dir, "--model", "odmt", "--out", run, "--config", config,
+    assert cli(command, ["--data", data_dir, "--model", "odmt", "--out", run, "--config", config,
                        "--epochs", 2, "--no-progress"]) == 0
     for name in ("config.json", "model.pt", "item_vectors.pt", "checkpoint.pt", "log.jsonl"):
         assert (run / name).is_file(), name
@@ -104,7 +106,7 @@ def test_train_then_evaluate_writes_the_run_folder(data_dir, tmp_path):
     assert model.config.fusion_weights == fusion["weights"] and saved["model"]["fusion_weights"] == fusion["weights"]
 
     # a second train into the same RUN without --resume is refused
-    assert cli(train, ["--data", data_dir, "--out", run, "--config", config, "--epochs", 1]) == 2
+    assert cli(command, ["--data", data_dir, "--out", run, "--config", config, "--epochs", 1]) == 2
 
 
 def interrupted_then_resumed(cfg: dict, data_dir, out) -> dict:
@@ -115,13 +117,13 @@ def interrupted_then_resumed(cfg: dict, data_dir, out) -> dict:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train.train_run(train.TrainConfig.from_dict(cfg), data_dir, out, log=killed_after_logging_epoch_2)
-    return train.train_run(train.TrainConfig.from_dict(cfg), data_dir, out, resume=True, log=lambda *_: None)
+        train_model(cfg, data_dir, out, log=killed_after_logging_epoch_2)
+    return train_model(cfg, data_dir, out, resume=True, log=lambda *_: None)
 
 
 def test_resume_continues_exactly_where_an_interrupted_run_stopped(data_dir, tmp_path):
     cfg = dict(FAST, model="odmt", epochs=3)
-    straight = train.train_run(train.TrainConfig.from_dict(cfg), data_dir, tmp_path / "a", log=lambda *_: None)
+    straight = train_model(cfg, data_dir, tmp_path / "a", log=lambda *_: None)
     assert interrupted_then_resumed(cfg, data_dir, tmp_path / "b") == straight
 
     def log(run):

@@ -22,13 +22,12 @@ RUN/ holds:
     log.jsonl          one line per finished epoch: branch losses, KD weight, valid metrics, seconds
     fusion.json        every candidate fusion's validation metrics and the choice
 
-With `--candidates A B ...` each preset is trained so into RUN/candidates/<preset>/ and the one with the best
-validation score is copied into RUN; selection.json records the scores and the choice (selection.py).
+`odmt train --candidates A B ...` / `--model odmt-auto` choose among several models: selection.py, a layer
+above this one; the command line is training/command.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -36,14 +35,13 @@ import os
 import random
 import sys
 import time
-import types
-import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from odmt_t4r.flags import typed
 from odmt_t4r.model import OdmtConfig, build_model, model_registry
 from odmt_t4r.output_folder import atomic_write, fault_point
 
@@ -52,31 +50,22 @@ from .averaging import WeightAverage
 from .data import PreparedData
 from .fusion import choose_fusion, epoch_candidates, evaluate_fusions, select_fusion
 from .progress import progress_bar
-from .selection import SELECTION_PRESETS, train_candidates, with_preset
 
-MODEL_CHOICES = sorted([*model_registry, *SELECTION_PRESETS])  # a preset, or a named model selection
+MODEL_CHOICES = sorted(model_registry)
 
-from odmt_t4r.contract import RUN_FORMAT, read_selection  # noqa: E402
+from odmt_t4r.contract import RUN_FORMAT  # noqa: E402
 SUMMARY = "summary.json"  # a multi-process run's summary, left by rank 0 for the launcher
 RUN_FILES = ("config.json", "model.pt", "item_vectors.pt", "checkpoint.pt", "log.jsonl", "fusion.json", SUMMARY)
 
 
 @dataclass
 class TrainConfig:
-    """How to train. `model_config` is the model (OdmtConfig); a preset's defining settings win over it.
-    Defaults train on 2 CPU cores (the paper: d=768, lr 1e-4, tau 0.3-0.5, on a GPU)."""
+    """How to train one model. `model_config` is the model (OdmtConfig); a preset's defining settings win
+    over it. Defaults train on 2 CPU cores (the paper: d=768, lr 1e-4, tau 0.3-0.5, on a GPU). Choosing
+    among several models is a layer above this one (selection.py)."""
 
     model: str = "odmt"
     model_config: OdmtConfig = field(default_factory=OdmtConfig)
-    # presets trained with these same settings into RUN/candidates/; RUN keeps the one with the best
-    # validation score (selection.py); None = train `model` alone
-    candidates: list[str] | None = None
-    # candidates trained side by side, one process each; 0 = as many as the CPU cores allow at `threads`
-    # each (one after another with nproc > 1 or on a GPU); 1 = one after another. Results do not change.
-    candidate_jobs: int = 0
-    # successive halving: every candidate trains this many epochs, the better half on validation twice as
-    # many, and so on, the last one to the end (selection.py); 0 = every candidate trains to the end
-    selection_rung: int = 5
     # optimisation
     lr: float = 1e-3
     weight_decay: float = 0.1
@@ -123,15 +112,6 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         if self.model not in MODEL_CHOICES:
             raise ValueError(f"unknown model '{self.model}'; choose one of {MODEL_CHOICES}")
-        if self.candidates is not None:
-            unknown = [c for c in self.candidates if c not in model_registry]
-            if unknown or len(set(self.candidates)) != len(self.candidates) or len(self.candidates) < 2:
-                raise ValueError(f"candidates must be at least two different presets of {sorted(model_registry)}, "
-                                 f"got {self.candidates}")
-        if self.selection_rung < 0:
-            raise ValueError(f"selection_rung must be >= 0 (0 = every candidate to the end), got {self.selection_rung}")
-        if self.candidate_jobs < 0:
-            raise ValueError(f"candidate_jobs must be >= 0 (0 = as many as the cores allow), got {self.candidate_jobs}")
         for name in ("epochs", "batch_size", "eval_batch_size", "patience", "threads", "nproc", "fusion_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -174,29 +154,12 @@ class TrainConfig:
         unknown = sorted(set(d) - own - model_keys) + sorted(set(nested) - model_keys)
         if unknown:
             raise ValueError(f"unknown training config keys {unknown}; known: {sorted(own | model_keys)}")
-        top = {k: _typed(cls, k, v) for k, v in with_preset(d).items() if k in own and k != "model_config"}
-        model = {k: _typed(OdmtConfig, k, v) for k, v in {**nested, **flat_model}.items()}
+        top = {k: typed(cls, k, v) for k, v in d.items() if k in own and k != "model_config"}
+        model = {k: typed(OdmtConfig, k, v) for k, v in {**nested, **flat_model}.items()}
         return cls(**top, model_config=OdmtConfig(**model))
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _base_types(hint) -> tuple[type, ...]:
-    """int -> (int,); list[str] | None -> (list, NoneType); dict[str, float] -> (dict,)."""
-    args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    return tuple(typing.get_origin(a) or a for a in args)
-
-
-def _typed(cls, name: str, value):
-    """`value` checked against the annotation of `cls.name` (ints accepted for floats)."""
-    hint = typing.get_type_hints(cls)[name]
-    allowed = _base_types(hint)
-    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
-        raise ValueError(f"config key {name!r} must be {hint}, got {value!r}")
-    return value
 
 
 def seed_everything(seed: int) -> None:
@@ -262,13 +225,12 @@ def _load_checkpoint(path: Path) -> dict:
 
 def train_run(cfg: TrainConfig, data_dir: str | os.PathLike, out: str | os.PathLike, resume: bool = False,
               epochs: int | None = None, log=_log_to_stderr, until: int | None = None) -> dict:
-    """Train into `out`; returns {"best_epoch", "best": valid metrics, "epochs_run", "stopped", "fusion"}.
+    """Train into `out`; returns {"best_epoch", "best": valid metrics, "epochs_run", "stopped", "paused", "fusion"}
+    ("fusion" is None when paused: the final fusion is chosen when the run ends).
     With `resume`, the RUN's saved TrainConfig is used (only `epochs` and `progress` may change).
     `until`: pause after this many epochs (a later resume continues; the budget and the schedule stay)."""
     out = Path(out)
-    cfg = TrainConfig.from_dict(cfg.to_dict())  # a named selection's settings applied
-    if cfg.candidates or (resume and read_selection(out) is not None):
-        return train_candidates(cfg, data_dir, out, resume, epochs, log)
+    cfg = TrainConfig.from_dict(cfg.to_dict())  # a copy: the caller's config is not changed
     if _check_out(out, resume):
         log(f"{out} was stopped before its first epoch finished: starting it again")
         for p in out.iterdir():
@@ -476,12 +438,17 @@ def _train(cfg: TrainConfig, data_dir, out: Path, resume: bool, ckpt_path: Path,
     if not ranks.main:
         ranks.barrier()
         return None
-    fusion = _final_fusion(out, data, cfg, run_info)
-    log(f"best valid NDCG@10 {state['best_metric']:.4f} at epoch {state['best_epoch'] + 1}; fusion "
-        f"{fusion['name']} (valid NDCG@10 {fusion['valid_NDCG@10']:.4f}, plain mean "
-        f"{fusion['valid_mean_NDCG@10']:.4f}); model in {out}")
+    paused = not state["stopped"] and state["epoch"] + 1 < cfg.epochs  # by `until`: resumed later, or never
+    fusion = None if paused else _final_fusion(out, data, cfg, run_info)
+    if paused:
+        log(f"paused after epoch {state['epoch'] + 1}: best valid NDCG@10 {state['best_metric']:.4f} at epoch "
+            f"{state['best_epoch'] + 1}; {out} resumes with --resume")
+    else:
+        log(f"best valid NDCG@10 {state['best_metric']:.4f} at epoch {state['best_epoch'] + 1}; fusion "
+            f"{fusion['name']} (valid NDCG@10 {fusion['valid_NDCG@10']:.4f}, plain mean "
+            f"{fusion['valid_mean_NDCG@10']:.4f}); model in {out}")
     summary = {"best_epoch": state["best_epoch"] + 1, "best": state["best"], "epochs_run": state["epoch"] + 1,
-               "stopped": state["stopped"], "fusion": fusion}
+               "stopped": state["stopped"], "paused": paused, "fusion": fusion}
     if ranks.world > 1:
         atomic_write(out / SUMMARY, json.dumps(summary, default=str) + "\n")
         ranks.barrier()
@@ -518,82 +485,3 @@ def _epoch_of(line: str) -> int | None:
         return int(json.loads(line)["epoch"])
     except (ValueError, KeyError, TypeError):
         return None
-
-
-# ---------------------------------------------------------------------------- command line
-TRAIN_FLAGS_SKIP = ("model", "model_config", "extra", "progress", "epochs", "seed")
-
-
-def _flag_fields():
-    """(dataclass, field) pairs that become `odmt train` flags: every TrainConfig and OdmtConfig field
-    except the derived ones and those with a hand-written flag."""
-    for f in fields(TrainConfig):
-        if f.name not in TRAIN_FLAGS_SKIP:
-            yield TrainConfig, f
-    for f in fields(OdmtConfig):
-        if f.name not in OdmtConfig.DERIVED:
-            yield OdmtConfig, f
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="a prepared DIR (odmt prepare)")
-    p.add_argument("--model", choices=MODEL_CHOICES, default=None,
-                   help="default: odmt; odmt-auto: odmt and odmt-imt by successive halving on validation")
-    p.add_argument("--out", required=True, help="the RUN folder")
-    p.add_argument("--config", default=None, help="JSON file of TrainConfig fields (model fields flat or "
-                                                  "under model_config); flags win over it")
-    p.add_argument("--epochs", type=int, default=None, help="the epoch ceiling (early stopping ends runs)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--resume", action="store_true", help="continue RUN from its last finished epoch")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars or lines")
-    group = p.add_argument_group("training and model settings (default: TrainConfig / OdmtConfig)")
-    for owner, f in _flag_fields():
-        hint = typing.get_type_hints(owner)[f.name]
-        base = _base_types(hint)
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(owner(), f.name)
-        shown = f"default: {'all the DIR has' if default is None else default}"
-        if bool in base:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=shown)
-        elif list in base:
-            group.add_argument(flag, dest=f.name, nargs="+", default=None, metavar="M", help=shown)
-        elif base[0] in (int, float, str):
-            group.add_argument(flag, dest=f.name, type=base[0], default=None, help=shown)
-
-
-def settings_from_args(args: argparse.Namespace) -> dict:
-    """The --config file, then every flag given on the command line."""
-    settings = {}
-    if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise FileNotFoundError(f"--config {path} does not exist")
-        try:
-            settings = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"--config {path} is not valid JSON ({exc})") from exc
-        if not isinstance(settings, dict):
-            raise ValueError(f"--config {path} must hold a JSON object of TrainConfig fields")
-    for key in ("model", "seed"):
-        if getattr(args, key) is not None:
-            settings[key] = getattr(args, key)
-    for _, f in _flag_fields():
-        value = getattr(args, f.name, None)
-        if value is not None:
-            settings[f.name] = value
-    if args.no_progress:
-        settings["progress"] = False
-    return settings
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        cfg = TrainConfig.from_dict(settings_from_args(args))
-        if args.epochs is not None and args.epochs < 1:
-            raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
-        summary = train_run(cfg, args.data, args.out, resume=args.resume, epochs=args.epochs)
-    except (FileExistsError, FileNotFoundError, ValueError) as exc:
-        print(f"odmt train: error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=2, default=str))
-    return 0
