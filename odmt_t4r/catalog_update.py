@@ -22,6 +22,7 @@ Any failure before the last step of 5 leaves the repository, and so what is serv
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import shutil
@@ -88,53 +89,84 @@ def next_run_path(run: Path) -> Path:
 
 
 def assumed_train_count(spec: str | float, train_count: np.ndarray) -> float:
-    """--assumed-count: "median" (of the prepared catalog's train counts) or a number >= 0."""
+    """--assumed-count: "median" (of the prepared catalog's train counts) or a finite number from 0 to the
+    catalog's largest train count (a new item is never assumed more popular than the most popular one)."""
+    top = float(np.max(train_count)) if len(train_count) else 0.0
     if spec == "median":
         return float(np.median(train_count)) if len(train_count) else 0.0
     try:
         value = float(spec)
     except (TypeError, ValueError):
-        value = -1.0
-    if not value >= 0:
-        raise ValueError(f"--assumed-count must be 'median' or a number >= 0, not {spec!r}")
+        value = float("nan")
+    if not (np.isfinite(value) and 0 <= value <= max(top, 1.0)):
+        raise ValueError(f"--assumed-count must be 'median' or a finite number from 0 to {max(top, 1.0):g} (the "
+                         f"largest train count in the catalog), not {spec!r}")
     return value
 
 
 def add_items(run: str | Path, items_csv: str | Path, out: str | Path | None = None, repo: str | Path | None = None,
-              seed: int = 0, check_sessions: int = 20, log=None, assumed_count: str | float = "median") -> dict:
-    """Adds the items of `items_csv` to `run` (see the module docstring); returns a summary."""
+              seed: int = 0, check_sessions: int = 20, log=None, assumed_count: str | float = "median",
+              force: bool = False) -> dict:
+    """Adds the items of `items_csv` to `run` (see the module docstring); returns a summary. With `repo`, the
+    repository's writer lock is held from its check to its new manifest, and the new version must descend
+    from the served one (repository.check_lineage) unless `force`."""
+    from odmt_t4r.output_folder import FolderLock
+
+    if repo is not None and not Path(repo).is_dir():
+        raise FileNotFoundError(f"--repo {repo}: no such model repository (write one with `odmt export`)")
+    with contextlib.ExitStack() as held:
+        lock = held.enter_context(FolderLock(repo)) if repo is not None else None
+        return _add_items(Path(run).resolve(), items_csv, out, repo, seed, check_sessions, log, assumed_count,
+                          force, lock)
+
+
+def _add_items(run: Path, items_csv, out, repo, seed, check_sessions, log, assumed_count, force, lock) -> dict:
     import torch
 
     from odmt_t4r.model import OdmtRecommender
     from odmt_t4r.output_folder import OutputFolder
-    from odmt_t4r.trust import write_manifest
+    from odmt_t4r.trust import verify_prepared, verify_run, write_run_manifest
 
     say = log or (lambda msg: print(f"[add-items] {msg}", file=sys.stderr, flush=True))
-    run = Path(run).resolve()
+    out = Path(out).resolve() if out else next_run_path(run)
+    if out == run:
+        raise ValueError(f"--out {out} is the RUN new items are added to; add-items writes a new RUN (omit --out "
+                         "for the next free RUN.vN)")
+    verify_run(run)  # before model.pt, item_vectors.pt or the added items are read
     data_dir = run_data_dir(run)
+    verify_prepared(data_dir)  # its features and catalog are read below
     model = OdmtRecommender.from_pretrained(run, data_dir=data_dir)
     ids = run_item_ids(run, data_dir)
     if len(ids) != model.config.n_index:
         raise ValueError(f"{run} indexes {model.config.n_index} rows but its catalog lists {len(ids)}")
     content = [m for m in model.config.modalities if m != "id"]
     items = read_new_items(items_csv, content, set(ids[RESERVED_ROWS:].tolist()))
-    if repo is not None:
-        repo_manifest = _checked_repo(Path(repo))
     first = model.config.n_index
     n_trained = len(catalog_item_ids(data_dir))  # the prepared catalog: items with observed train counts
     count = assumed_train_count(assumed_count, model.train_count[RESERVED_ROWS:n_trained].numpy())
+    if repo is not None:
+        from triton_models.repository import check_lineage
+
+        repo_manifest = _checked_repo(Path(repo))
+        new_ids = [str(i) for i in ids[RESERVED_ROWS:]] + items["item_id"].astype(str).tolist()
+        try:
+            check_lineage(Path(repo).resolve(), repo_manifest, out, model.config.name, data_dir, new_ids)
+        except ValueError as exc:
+            if not force:
+                raise
+            say(f"--force: {exc}; replacing it anyway")
     say(f"{len(items):,} new items for {run.name} ({model.config.name}: {', '.join(model.branch_names)}); "
         f"indices {first}..{first + len(items) - 1}")
     with tempfile.TemporaryDirectory(prefix="odmt-add-items-") as tmp:
         feats = new_item_features(items, data_dir, model.config.token_layout(), Path(tmp)) if content else {}
         with torch.inference_mode(False):
             grown = model.with_added_items(feats, len(items), seed=seed, assumed_count=count)
-    out = Path(out).resolve() if out else next_run_path(run)
     parent_added = pd.read_parquet(run / ADDED_ITEMS) if (run / ADDED_ITEMS).is_file() else None
     added = pd.concat([parent_added, items.assign(item_idx=np.arange(first, first + len(items)), assumed_count=count)],
                       ignore_index=True)
     config = json.loads((run / "config.json").read_text())
-    with OutputFolder(out, RUN_FORMAT, what="RUN", log=say) as folder:
+    with OutputFolder(out, RUN_FORMAT, what="RUN", log=say, refuse_hint=(
+            "Choose another --out, or leave --out out: add-items then writes the next free RUN.vN")) as folder:
         stage = folder.stage
         (stage / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "model"}))
         grown.save_pretrained(stage, extra={"parent_run": str(run), "added_items": len(added),
@@ -143,14 +175,14 @@ def add_items(run: str | Path, items_csv: str | Path, out: str | Path | None = N
         for name in RUN_SIDE_FILES:
             if (run / name).is_file():
                 shutil.copyfile(run / name, stage / name)
-        write_manifest(stage, {"format": RUN_FORMAT, "parent_run": str(run), "added_items": len(added)})
+        write_run_manifest(stage, {"parent_run": str(run), "added_items": len(added)})  # last: hashes, signed
         folder.commit()
     say(f"wrote {out} ({grown.config.n_index - RESERVED_ROWS:,} items)")
     summary = {"run": str(out), "parent_run": str(run), "added": len(items), "n_items": grown.config.n_index - RESERVED_ROWS,
                "first_index": first, "assumed_count": count}
     if repo is not None:
         summary["repo"] = str(Path(repo).resolve())
-        summary["repo_version"] = _add_to_repo(Path(repo), repo_manifest, out, check_sessions, say)
+        summary["repo_version"] = _add_to_repo(Path(repo), repo_manifest, out, check_sessions, say, lock)
     return summary
 
 
@@ -165,14 +197,14 @@ def _checked_repo(repo: Path) -> dict:
     return verify_folder(repo, FORMAT, "model repository (from odmt export)", strict=True)
 
 
-def _add_to_repo(repo: Path, manifest: dict, run: Path, check_sessions: int, say) -> int:
+def _add_to_repo(repo: Path, manifest: dict, run: Path, check_sessions: int, say, lock) -> int:
     from triton_models.export import checked_ensemble
     from triton_models.repository import add_version, serving_config
 
     try:
         cfg = serving_config(manifest)
         ensemble, predict, check = checked_ensemble(run, None, cfg, check_sessions, say)
-        return add_version(repo, ensemble, predict, run, check, say)["version"]
+        return add_version(repo, ensemble, predict, run, check, say, lock=lock)["version"]
     except (ValueError, OSError) as exc:  # the base type: subclasses (DataValidationError, ...) take other args
         kind = OSError if isinstance(exc, OSError) else ValueError
         raise kind(f"{exc} (the new RUN {run} is written; {repo} is unchanged and serves what it served)") from exc
@@ -188,12 +220,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--assumed-count", default="median",
                    help="train count the popularity prior assumes for the new items: 'median' (of the prepared "
                         "catalog: a typical item) or a number; 0 ranks every trained item above them")
+    p.add_argument("--force", action="store_true",
+                   help="with --repo: publish the new RUN even if it does not descend from the served version "
+                        "(other prepared data, another model, or a catalog without some served items)")
     p.add_argument("--check-sessions", type=int, default=20,
                    help="test sessions compared in-process with the model before the repository changes")
 
 
 def run(args: argparse.Namespace) -> int:
     summary = add_items(args.run, args.items, out=args.out, repo=args.repo, seed=args.seed,
-                        check_sessions=args.check_sessions, assumed_count=args.assumed_count)
+                        check_sessions=args.check_sessions, assumed_count=args.assumed_count, force=args.force)
     print(json.dumps(summary, indent=2))
     return 0

@@ -147,6 +147,48 @@ def fault_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+class FolderLock:
+    """`.<name>.lock` next to a folder, held (fcntl) by its one writer: `odmt prepare`/`export` (OutputFolder)
+    and `odmt add-items --repo` (a live repository) take the same lock, so no two of them interleave.
+
+        with FolderLock(repo):
+            ...read the manifest, write, record...
+
+    A second writer is refused at once; the kernel drops the lock when the process dies (SIGKILL too)."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder).expanduser().resolve()
+        self.path = self.folder.with_name(f".{self.folder.name}.lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> int:
+        self.folder.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+            os.close(fd)
+            raise OutputFolderError(f"another odmt process is writing {self.folder} "
+                                    f"({holder or 'see ' + str(self.path)}); wait for it to finish") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}: {' '.join(sys.argv[:3])}\n".encode(), 0)
+        self._fd = fd
+        return fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # the lock file stays (removing it would race)
+            self._fd = None
+
+    def __enter__(self) -> "FolderLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 class OutputFolder:
     """Build an output folder next to `out` and swap it in (see the module docstring).
 
@@ -157,14 +199,16 @@ class OutputFolder:
     Leaving the block without commit() removes the stage and leaves `out` as it was."""
 
     def __init__(self, out: str | os.PathLike, fmt: str, *, force: bool = False, what: str = "output folder",
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, refuse_hint: str | None = None):
         self.out = Path(out).expanduser().resolve()
         self.family = format_family(fmt)
         self.force, self.what = force, what
+        # what a refusal suggests; commands without --force (add-items) give their own way out
+        self.refuse_hint = refuse_hint or "Choose another --out, or pass --force to move the existing folder aside (nothing is deleted)"
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.stage = self.out.with_name(f".{self.out.name}.odmt-partial")
         self.old = self.out.with_name(f".{self.out.name}.odmt-old")
-        self.lock_path = self.out.with_name(f".{self.out.name}.lock")
+        self.lock_path = FolderLock(self.out).path
         self.backup: Path | None = None
         self._lock_fd: int | None = None
         self._committed = False
@@ -194,8 +238,7 @@ class OutputFolder:
             reason = (f"is not a {self.what} written by odmt (no odmt manifest.json) and holds "
                       f"{len(entries)} entries (e.g. {', '.join(entries[:3])})")
         if not self.force:
-            raise OutputFolderError(f"--out {out} {reason}; refusing to replace it. Choose another --out, or "
-                                    f"pass --force to move the existing folder aside (nothing is deleted)")
+            raise OutputFolderError(f"--out {out} {reason}; refusing to replace it. {self.refuse_hint}")
         cwd = Path.cwd().resolve()
         if out == Path(out.anchor) or out == Path.home().resolve() or out == cwd or out in cwd.parents:
             raise OutputFolderError(f"--out {out} {reason}; even with --force, odmt will not move the root, "
@@ -250,17 +293,7 @@ class OutputFolder:
 
     # -- pieces ----------------------------------------------------------------------------------
     def _lock(self) -> None:
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
-            os.close(fd)
-            raise OutputFolderError(f"another odmt process is writing {self.out} "
-                                    f"({holder or 'see ' + str(self.lock_path)}); wait for it to finish") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}: {' '.join(sys.argv[:3])}\n".encode(), 0)
-        self._lock_fd = fd
+        self._lock_fd = FolderLock(self.out).acquire()
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from odmt_t4r.cli import main
-from odmt_t4r.trust import SIGNING_KEY_ENV, TrustError, verify_folder
+from odmt_t4r.trust import SIGNING_KEY_ENV, TrustError, verify_folder, write_run_manifest
 from tests.tiny_data import prepare_tiny, untrained_run
 from triton_models.export import FORMAT as REPO_FORMAT
 from triton_models.export import ServingConfig, export
@@ -64,6 +64,7 @@ def signed(tmp_path_factory):
     try:
         data = prepare_tiny(root / "inputs", root / "prepared")
         run = untrained_run(data, root / "run")
+        write_run_manifest(run)  # what training does when it finishes (an unsigned RUN is refused)
         export(run, root / "repo", ServingConfig(k=3), data_dir=data, check_sessions=5, log=lambda m: None)
     finally:
         os.environ.pop(SIGNING_KEY_ENV, None)

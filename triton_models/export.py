@@ -45,6 +45,9 @@ def export(run: str | Path, out: str | Path, cfg: ServingConfig | None = None, d
 
 def checked_ensemble(run: Path, data_dir, cfg: ServingConfig, check_sessions: int, say):
     """(ensemble, its OdmtPredict, the check's summary): the graph for `run`, checked in-process."""
+    from odmt_t4r.trust import verify_run
+
+    verify_run(run)  # before model.pt, item_vectors.pt or the added items are read (the DIR: load_inference_workflow)
     ensemble, predict, workflow = build_ensemble(run, data_dir, cfg)
     data_dir = Path(predict.data_dir)
     run_config = json.loads((run / "config.json").read_text())

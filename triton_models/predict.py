@@ -51,6 +51,7 @@ ITEM_IDS, SCORES = "item_ids", "scores"
 CONTRIBUTION = "contribution_"  # + branch name: the optional per-branch outputs
 ARTIFACT_DIR = "odmt_model"  # under the executor model's ensemble/ folder
 RUN_FILES = ("config.json", "model.pt", "item_vectors.pt")
+SERVED_ITEMS = "served_items.json"  # artifact: the raw IDs this version serves, index order from 3 on
 from odmt_t4r.contract import ITEM_LIST, RESERVED_ROWS, last_items  # noqa: E402  (0 pad, 1 null, 2 OOV)
 
 
@@ -100,6 +101,8 @@ class OdmtPredict(BaseOperator):
                 shutil.copyfile(src, target / name)
             elif name != "item_vectors.pt":
                 raise FileNotFoundError(f"{src} is missing: {self.run_dir} is not a saved model RUN")
+        # the served catalog, readable without unpickling: a later `add-items --repo` checks its lineage
+        (target / SERVED_ITEMS).write_text(json.dumps([i.decode("utf-8") for i in self.item_ids[RESERVED_ROWS:]]))
 
     def load_artifacts(self, artifact_path: str | os.PathLike | None = None) -> None:
         # merlin.dag.Graph.__init__ calls load_artifacts("") when the ensemble is built: stay lazy then.

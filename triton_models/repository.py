@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import secrets
 import shutil
 import sys
 import time
@@ -116,7 +118,7 @@ def describe(run: Path, predict, cfg: ServingConfig, check: dict, models: list[s
         "run": str(run),
         "model": run_config.get("model", {}).get("name"),
         "data_dir": str(predict.data_dir),
-        "data_manifest_sha256": run_config.get("data", {}).get("manifest_sha256"),
+        "data_manifest_sha256": _data_sha256(predict.data_dir) or run_config.get("data", {}).get("manifest_sha256"),
         "workflow": str(Path(predict.data_dir) / "workflows" / "inference"),
         "k": cfg.k,
         "transform": cfg.transform,
@@ -132,6 +134,56 @@ def describe(run: Path, predict, cfg: ServingConfig, check: dict, models: list[s
     }
 
 
+def _data_sha256(data_dir) -> str | None:
+    """sha256 of a prepared DIR's manifest.json: which prepared data a version is built on (its lineage)."""
+    import hashlib
+
+    path = Path(data_dir or "") / "manifest.json"
+    return hashlib.sha256(path.read_bytes()).hexdigest() if data_dir and path.is_file() else None
+
+
+def served_item_ids(repo: Path, manifest: dict) -> list[str] | None:
+    """The raw item IDs the recorded version serves (its artifact; for a repository exported before it was
+    written, the catalog of the RUN the manifest names); None when neither can be read."""
+    from odmt_t4r.contract import RESERVED_ROWS, run_item_ids
+    from triton_models.predict import ARTIFACT_DIR, SERVED_ITEMS
+
+    version = manifest.get("version", 1)
+    path = Path(repo) / MODEL_NAME / str(version) / "ensemble" / ARTIFACT_DIR / SERVED_ITEMS
+    if path.is_file():
+        return [str(i) for i in json.loads(path.read_text())]
+    try:
+        return [str(i) for i in run_item_ids(manifest["run"], manifest.get("data_dir"))[RESERVED_ROWS:]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_lineage(repo: Path, manifest: dict, run: Path, model: str | None, data_dir: Path,
+                  new_ids: list[str]) -> None:
+    """A live repository only moves forward along its own lineage: the next version must be built on the
+    same prepared data, by the same model, with a catalog holding every item served now. Raises ValueError
+    saying what is served and what was offered (`odmt add-items --force` replaces the lineage on purpose)."""
+    served = (f"{repo} serves version {manifest.get('version', 1)} ({manifest.get('model')}, "
+              f"{manifest.get('n_items')} items, run {manifest.get('run')}, data {manifest.get('data_dir')})")
+    offered = f"the offered RUN {run} ({model}, {len(new_ids)} items with the new ones, data {data_dir})"
+    hint = ("Add the items to the RUN the repository serves (--run its run), or pass --force to replace what "
+            "it serves on purpose")
+    if manifest.get("model") and model != manifest.get("model"):
+        raise ValueError(f"{served}; {offered} is another model family: refusing it. {hint}")
+    want = manifest.get("data_manifest_sha256")
+    if (want and want != _data_sha256(data_dir)) or (not want and str(Path(manifest.get("data_dir", data_dir)).resolve())
+                                                    != str(Path(data_dir).resolve())):
+        raise ValueError(f"{served}; {offered} is built on other prepared data: refusing it. {hint}")
+    served_ids = served_item_ids(repo, manifest)
+    if served_ids is None:
+        raise ValueError(f"{served}, but its catalog cannot be read to check that {offered} keeps it: refusing it. "
+                         f"Pass --force to replace what it serves on purpose")
+    lost = sorted(set(served_ids) - set(new_ids))
+    if lost:
+        raise ValueError(f"{served}; {offered} lacks {len(lost)} served items (e.g. {', '.join(lost[:3])}): "
+                         f"refusing to drop them. {hint}")
+
+
 def served_versions(repo: str | Path) -> list[int]:
     """The executor model's version folders, ascending."""
     folder = Path(repo) / MODEL_NAME
@@ -144,42 +196,56 @@ def serving_config(manifest: dict) -> ServingConfig:
     return ServingConfig(**{k: v for k, v in (manifest.get("serving") or {}).items() if k in known})
 
 
-def add_version(repo: str | Path, ensemble, predict, run: Path, check: dict, say) -> dict:
+def add_version(repo: str | Path, ensemble, predict, run: Path, check: dict, say, lock=None) -> dict:
     """Writes `ensemble` as the repository's next executor version and records it; returns the new manifest.
-    The repository must have passed its manifest check (the caller's); it stays as it was on any failure."""
-    from odmt_t4r.output_folder import read_manifest
+    The repository must have passed its manifest check (the caller's); it stays as it was on any failure.
+    The repository's writer lock (`lock`, a held FolderLock; taken here when None) covers the whole update:
+    two writers never interleave, so the manifest always describes exactly what is served."""
+    from odmt_t4r.output_folder import FolderLock, read_manifest
     from odmt_t4r.trust import clear_bytecode_caches, write_manifest
 
-    repo = Path(repo)
-    manifest = read_manifest(repo) or {}
-    cfg = serving_config(manifest)
-    if manifest.get("models") != [MODEL_NAME]:
-        raise ValueError(f"{repo} serves {manifest.get('models')}: only a repository exported with the fast "
-                         "transform (one executor model) can take a new version")
-    version = max(served_versions(repo), default=0) + 1
-    stage = repo.with_name(f".{repo.name}.version-{version}.partial")  # next to REPO: never a stray file in it
-    target = repo / MODEL_NAME / str(version)
-    shutil.rmtree(stage, ignore_errors=True)  # left by a killed add-items
-    stage.mkdir()
-    placed = False
-    try:
-        write_models(ensemble, stage, cfg)
-        fault_point("add-items-before-version")
-        (stage / MODEL_NAME / "1").rename(target)
-        placed = True
-        fault_point("add-items-before-manifest")
-        clear_bytecode_caches(repo)  # the running server's stubs write them; they are never recorded
-        history = [*manifest.get("history", [{"version": manifest.get("version", 1), "run": manifest.get("run"),
-                                               "n_items": manifest.get("n_items")}])]
-        history.append({"version": version, "run": str(run), "n_items": len(predict.item_ids) - 3})
-        new = {**describe(run, predict, cfg, check, manifest.get("models", [MODEL_NAME]), version),
-               "history": history}
-        new = write_manifest(repo, new)
-    except BaseException:
-        if placed:
-            shutil.rmtree(target, ignore_errors=True)
-        raise
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    repo = Path(repo).resolve()
+    with contextlib.ExitStack() as held:
+        if lock is None:
+            held.enter_context(FolderLock(repo))
+        remove_stale_stages(repo)
+        manifest = read_manifest(repo) or {}
+        cfg = serving_config(manifest)
+        if manifest.get("models") != [MODEL_NAME]:
+            raise ValueError(f"{repo} serves {manifest.get('models')}: only a repository exported with the fast "
+                             "transform (one executor model) can take a new version")
+        version = max(served_versions(repo), default=0) + 1
+        # next to REPO (never a stray file in it), and this writer's own name
+        stage = repo.with_name(f".{repo.name}.version-{version}.{os.getpid()}-{secrets.token_hex(4)}.partial")
+        target = repo / MODEL_NAME / str(version)
+        stage.mkdir()
+        placed = False
+        try:
+            write_models(ensemble, stage, cfg)
+            fault_point("add-items-before-version")
+            (stage / MODEL_NAME / "1").rename(target)
+            placed = True
+            fault_point("add-items-before-manifest")
+            clear_bytecode_caches(repo)  # the running server's stubs write them; they are never recorded
+            history = [*manifest.get("history", [{"version": manifest.get("version", 1), "run": manifest.get("run"),
+                                                   "n_items": manifest.get("n_items")}])]
+            history.append({"version": version, "run": str(run), "n_items": len(predict.item_ids) - 3})
+            new = {**describe(run, predict, cfg, check, manifest.get("models", [MODEL_NAME]), version),
+                   "history": history}
+            new = write_manifest(repo, new)
+        except BaseException:
+            if placed:
+                shutil.rmtree(target, ignore_errors=True)
+            raise
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
     say(f"{repo}: version {version} written ({new['n_items']:,} items); a running `odmt serve` loads it now")
     return new
+
+
+def remove_stale_stages(repo: Path) -> list[Path]:
+    """Staging folders a killed `add-items` left next to REPO (ours by name; call with the lock held)."""
+    stale = [p for p in repo.parent.glob(f".{repo.name}.version-*.partial") if p.is_dir() and not p.is_symlink()]
+    for p in stale:
+        shutil.rmtree(p)
+    return stale

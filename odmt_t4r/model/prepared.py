@@ -62,6 +62,9 @@ def read_prepared(root: str | os.PathLike) -> PreparedInfo:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         got = manifest.get("format") if isinstance(manifest, dict) else None
         raise ValueError(f"{manifest_path}: format {got!r}, expected {FORMAT!r}")
+    from odmt_t4r.trust import verify_prepared
+
+    verify_prepared(root)  # its signature and file hashes, before a split, feature or catalog is read
     missing = [name for name in ("items.parquet", "train", "valid", "test") if not (root / name).exists()]
     if missing:
         raise FileNotFoundError(f"{root} is not a complete prepared DIR: it has a manifest but no {missing}; "

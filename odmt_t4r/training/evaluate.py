@@ -129,6 +129,9 @@ def run(args: argparse.Namespace) -> int:
     if not data_dir or not Path(data_dir).is_dir():
         print(f"odmt evaluate: error: prepared DIR {data_dir!r} not found; pass --data DIR", file=sys.stderr)
         return 2
+    from odmt_t4r.trust import verify_run
+
+    verify_run(run_dir)  # before model.pt is loaded; PreparedData checks the DIR (read_prepared)
     data = PreparedData(data_dir)
     trained_on = payload.get("data", {}).get("manifest_sha256")
     if trained_on and trained_on != data.info.manifest_sha256:
