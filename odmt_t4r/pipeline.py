@@ -274,6 +274,7 @@ def prepare_stage(o: RunOptions, work: Path) -> Stage:
 
     cfg = prepare_config(o, work)
     files = {name: sha256_of(Path(p)) for name, p in (("interactions", cfg.interactions), ("items", cfg.items)) if p}
+    files["referenced"] = referenced_files(cfg)  # the photos the items file points to: prepare encodes them
     settings = {k: v for k, v in asdict(cfg).items() if k != "out"}
 
     def run(resume: bool) -> dict:
@@ -284,8 +285,46 @@ def prepare_stage(o: RunOptions, work: Path) -> Stage:
                  verify=lambda: verify_folder(work / "data", FORMAT, "prepared folder"))
 
 
+def referenced_files(cfg) -> dict[str, str | None]:
+    """{path as written: sha256} of every file the items table points to (its image column, resolved as
+    prepare resolves it: relative to the items file), so a photo changed on disk changes the stage's inputs."""
+    if not cfg.items or cfg.source not in ("csv", "parquet"):
+        return {}
+    from odmt_t4r.data.sources import _read_table
+
+    try:
+        table = _read_table(cfg.items, cfg.source)
+    except Exception:  # noqa: BLE001 - prepare reports an unreadable items file
+        return {}
+    if "image" not in table:
+        return {}
+    base = Path(cfg.items).parent
+    cells = [str(c) for c in table["image"].dropna() if str(c).strip()]
+    return {c: sha256_of(Path(c) if Path(c).is_absolute() else base / c) for c in sorted(set(cells))}
+
+
+# what training, a model selection and evaluation write into a RUN (and atomic_write's temporary files)
+RUN_WRITES = ("config.json", "model.pt", "item_vectors.pt", "checkpoint.pt", "log.jsonl", "fusion.json",
+              "summary.json", "selection.json", "manifest.json", "metrics-*.json", ".*.tmp-*")
+
+
+def _foreign_run_files(run_dir: Path) -> list[str]:
+    """Files in a RUN (and its candidates/<preset>/ RUNs) that no odmt command writes there."""
+    import fnmatch
+
+    out = []
+    for p in sorted(run_dir.rglob("*")):
+        rel = p.relative_to(run_dir)
+        inside_candidate = len(rel.parts) == 3 and rel.parts[0] == "candidates"
+        ours = (len(rel.parts) == 1 or inside_candidate) and any(fnmatch.fnmatchcase(p.name, pat) for pat in RUN_WRITES)
+        if (p.is_file() or p.is_symlink()) and not ours:
+            out.append(rel.as_posix())
+    return out
+
+
 def _remove_run(run_dir: Path) -> None:
-    """Clears a RUN that `odmt run` trained earlier, before training it again from scratch."""
+    """Clears a RUN that `odmt run` trained earlier, before training it again from scratch. The project's
+    files only: a RUN holding anything else is moved aside whole (RUN.backup-<time>), never deleted."""
     if not run_dir.exists():
         return
     try:
@@ -294,6 +333,16 @@ def _remove_run(run_dir: Path) -> None:
         fmt = None
     if not (fmt or "").startswith("odmt-") and read_selection(run_dir) is None and any(run_dir.iterdir()):
         raise ValueError(f"{run_dir} holds files that are not an odmt training run; move them away")
+    foreign = _foreign_run_files(run_dir)
+    if foreign:
+        backup = run_dir.with_name(f"{run_dir.name}.backup-{time.strftime('%Y%m%d-%H%M%S')}")
+        n = 1
+        while backup.exists():
+            backup, n = run_dir.with_name(f"{run_dir.name}.backup-{time.strftime('%Y%m%d-%H%M%S')}-{n}"), n + 1
+        os.rename(run_dir, backup)
+        log(f"{run_dir} holds {len(foreign)} file(s) odmt did not write (e.g. {', '.join(foreign[:3])}): moved the "
+            f"old RUN aside to {backup} (nothing was deleted) before training again")
+        return
     shutil.rmtree(run_dir)
 
 
@@ -572,7 +621,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the served request transform (see `odmt export`)")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is: the stage records itself as interrupted and the run says how to resume."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def run(args: argparse.Namespace) -> int:
+    import signal
+
     names = {f for f in RunOptions.__dataclass_fields__}
-    run_pipeline(RunOptions(**{k: v for k, v in vars(args).items() if k in names}))
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        run_pipeline(RunOptions(**{k: v for k, v in vars(args).items() if k in names}))
+    except Terminated:
+        print("odmt run: terminated (SIGTERM); run the same `odmt run` command again to resume where it stopped",
+              file=sys.stderr, flush=True)
+        return 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
