@@ -1,4 +1,4 @@
-"""Cold-start benchmark (issue 12): items held out of training entirely, added afterwards with
+"""Cold-start benchmark: items held out of training entirely, added afterwards with
 `odmt add-items`, scored on the test users whose target is one of them.
 
     .venv/bin/python benchmarks/cold_start.py [--cold-items 0.1] [--models odmt sasrec] [--seeds 0 1 2]
@@ -25,7 +25,7 @@ import quality  # noqa: E402  (the runs are quality.py's: same training, same re
 import torch  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "cold_start.json"
-GOAL_RATIO = 5.0  # issue 12: odmt NDCG@10 on cold targets >= 5x sasrec's
+GOAL_RATIO = 5.0  # the goal: odmt NDCG@10 on cold targets >= 5x sasrec's
 
 
 def prepared_cold(fraction: float, work: Path) -> Path:

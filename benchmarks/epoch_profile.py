@@ -155,6 +155,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", default=str(Path(__file__).parent / "work"))
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--write-docs", action="store_true", help="also rewrite the table in docs/benchmarks/training-speed.md")
     args = ap.parse_args()
     import torch
     from train_speed import _prepared  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
@@ -172,6 +173,11 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}", file=sys.stderr)
+    if args.write_docs:
+        from docs_page import write_block
+
+        command = "python benchmarks/epoch_profile.py " + " ".join(a for a in sys.argv[1:] if a != "--write-docs")
+        print(f"wrote {write_block('training-speed.md', 'epoch-profile', table(result), command)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -8,14 +8,14 @@ items excluded, plus the long-tail slice, coverage@10 and the validation score e
 
 Datasets: a source prepared with `odmt prepare`'s defaults (ml-100k, fashion), "SOURCE-L<N>" (histories
 of N items), or "sparse-text" (about 9,000 items, 700 users, text only: a robustness check of the defaults
-on a sparse catalog like issue 8's independent check).
+on a sparse catalog).
 
 Each (dataset, entry, seed) trains into WORK/runs/<dataset>/; a run is found by what it trains (the
 preset's settings applied, how it is executed left out), so entries that train the same thing share runs,
 a finished run is reused and an unfinished one resumed: an interrupted benchmark continues where it
 stopped. `--jobs N` trains N runs at once, one torch thread each. Every entry gets the same budget: the
 TrainConfig defaults (an epoch ceiling; early stopping ends runs). Writes benchmarks/results/quality.json
-(every run, mean/std per dataset and entry, issue 8's goals) and prints markdown tables with the RecBole
+(every run, mean/std per dataset and entry, the goals) and prints markdown tables with the RecBole
 anchors and the goals.
 """
 from __future__ import annotations
@@ -89,7 +89,7 @@ def source_of(dataset: str) -> str:
     return DATASET_FORM.match(dataset)["source"]
 
 
-# "sparse-text": a sparse, text-only store like the independent check's in issue 8 (about 9,000 items,
+# "sparse-text": a sparse, text-only store like an independent check's (about 9,000 items,
 # 700 users, no photos), drawn by the fashion generator and prepared through the CSV path users take
 SPARSE_TEXT = dict(n_items=9000, n_users=700, seed=7, mean_session_len=30.0, max_session_len=120)
 
@@ -424,6 +424,8 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="runs trained at once, one torch thread each")
     ap.add_argument("--work", default=str(Path(__file__).parent / "work"))
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--write-docs", action="store_true",
+                    help="also rewrite the tables in docs/benchmarks/quality.md (the full benchmark's run)")
     ap.add_argument("--report-only", action="store_true",
                     help="train nothing: tabulate the runs already finished in WORK (a partial benchmark)")
     args = ap.parse_args()
@@ -464,6 +466,11 @@ def main() -> None:
     print(markdown(agg))
     print(goal_table(goal))
     print(f"wrote {args.out}")
+    if args.write_docs:
+        from docs_page import write_block  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
+        command = "python benchmarks/quality.py " + " ".join(a for a in sys.argv[1:] if a != "--write-docs")
+        print(f"wrote {write_block('quality.md', 'quality', markdown(agg) + chr(10) + goal_table(goal), command)}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ candidates trained side by side against one after another.
                                                [--loss full in_batch] [--batch 128] [--threads 1]
                                                [--parts steps anchor selection] [--selection-epochs 3]
 
-Writes benchmarks/results/train_speed.json. Anchor (issue 3): RecBole SASRec on ml-100k on one core here
+Writes benchmarks/results/train_speed.json. Anchor: RecBole SASRec on ml-100k on one core here
 reached its best epoch (6) after about 6 x 2.2 = 13.2 minutes; goal: our sasrec reaches the same
 NDCG@10 (0.1058, RecBole's test figure; we compare it to our valid NDCG@10) in at most a third of that.
 """

@@ -3,7 +3,7 @@ anything in a folder is unpickled.
 
 Loading a prepared DIR or a model repository runs code stored in it: NVTabular's `workflow.pkl` and
 merlin's `ensemble.pkl` are cloudpickles (our operators travel in them by value), and Triton imports each
-model's `model.py`. Such folders must come from a trusted source (see the README, "Trust boundary").
+model's `model.py`. Such folders must come from a trusted source (docs/operations.md, "Trust boundary").
 
 * `write_manifest` records the full sha256 of every file of a folder in its manifest (`files`), and,
   when `ODMT_SIGNING_KEY` is set, signs the manifest with HMAC-SHA256 (`signature`).

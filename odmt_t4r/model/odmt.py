@@ -80,7 +80,7 @@ class OdmtConfig:
     item_to_item: float = 0.0
     # distillation (peer_distillation.py): the form, the id branch's teacher, the seen-item mask, tau,
     # the weight and its ramp as a fraction of the epoch budget. Off by default: in benchmarks/quality.py
-    # no variant beat the same model without it (README, Quality); kd_weight 0.5 turns the rest on.
+    # no variant beat the same model without it (docs/benchmarks/quality.md); kd_weight 0.5 turns the rest on.
     kd_mode: str = "detached"  # "detached" | "mutual" (the paper's)
     id_teacher: str = "none"  # "ensemble" (the paper's) | "ensemble-others" | "none"
     kd_mask_seen: bool = True

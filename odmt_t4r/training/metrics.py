@@ -1,6 +1,6 @@
 """Full-ranking HR@K and NDCG@K for leave-one-out evaluation, with the user's history excluded.
 
-Protocol (README, "Quality"): rank ALL items; every item the user interacted with before the target is removed
+Protocol (docs/benchmarks/quality.md): rank ALL items; every item the user interacted with before the target is removed
 from the ranking (as the ODMT code does), even if it is the target itself (then the user is a miss);
 one target per user, so HR@K = 1[rank < K] and NDCG@K = 1[rank < K] / log2(rank + 2), rank 0-based.
 Ties count against the target (rank = items scoring >= the target, itself excluded), so a model that

@@ -17,7 +17,7 @@ back. `train_model` is the one entry that trains what the settings ask for: one 
 (`candidates`, a named selection such as `--model odmt-auto`, or a RUN that already holds a selection).
 
 Why: the ID-aware multi-modal transformer (the paper's item tower) leads on some catalogs and independent
-per-modality projections on others (README, Quality); the validation split can tell which, per catalog.
+per-modality projections on others (docs/benchmarks/quality.md); the validation split can tell which, per catalog.
 """
 
 from __future__ import annotations
