@@ -276,3 +276,35 @@ def test_add_items_to_an_existing_folder_suggests_no_flag_it_lacks(odmt_run, cat
     assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
     assert main(["add-items", "--run", str(odmt_run), "--items", str(csv), "--out", str(odmt_run)]) == 2
     assert "is the RUN new items are added to" in _error_line(capsys, "add-items")
+
+
+# -- 8: silent surprises -------------------------------------------------------------------------------
+
+from tests.triton_fixtures import TOY_K, toy_repo, triton_server  # noqa: E402,F401  (a real server, toy model)
+
+
+def test_recommend_says_when_k_is_more_than_the_repository_answers(triton_server, capsys):
+    assert main(["recommend", "--url", triton_server.http_url, "--items", "a,b", "--k", str(TOY_K + 3)]) == 0
+    err = capsys.readouterr().err
+    assert f"answers at most {TOY_K} items per session" in err and f"--k {TOY_K + 3}" in err
+    assert main(["recommend", "--url", triton_server.http_url, "--items", "a,b", "--k", str(TOY_K)]) == 0
+    assert "answers at most" not in capsys.readouterr().err
+
+
+def test_verification_at_load_hashes_a_folder_once_per_process_until_a_file_changes(data_dir, tmp_path, monkeypatch):
+    """What verification costs at load: printed for the fashion fixture DIR (a fashion-size DIR, 203 MB, takes
+    about 170 ms on 2 cores; see the report); a second load in the same process re-hashes nothing."""
+    from odmt_t4r import trust
+
+    copy = shutil.copytree(data_dir, tmp_path / "prepared")
+    t = time.perf_counter()
+    trust.verify_prepared(copy)
+    print(f"verify {copy}: {(time.perf_counter() - t) * 1e3:.0f} ms")
+    hashed = []
+    monkeypatch.setattr(trust, "sha256_file", lambda p: hashed.append(p) or trust.hashlib.sha256(Path(p).read_bytes()).hexdigest())
+    trust.verify_prepared(copy)
+    assert hashed == []
+    feats = np.load(copy / "features" / "text.npy")
+    np.save(copy / "features" / "text.npy", feats[::-1].copy())  # same size, new content
+    with pytest.raises(TrustError, match="features/text.npy changed"):
+        trust.verify_prepared(copy)

@@ -129,7 +129,7 @@ class RecommenderClient:
             return [self._tc.InferRequestedOutput(name, binary_data=True) for name in names]
         return [self._tc.InferRequestedOutput(name) for name in names]
 
-    def _infer(self, sessions: Sequence[Sequence[str]], k: int, names: Sequence[str]) -> list[np.ndarray] | None:
+    def _infer_raw(self, sessions: Sequence[Sequence[str]], k: int, names: Sequence[str]) -> list[np.ndarray] | None:
         if k < 1:
             raise ValueError("k must be >= 1")
         if isinstance(sessions, str) or any(isinstance(s, str) for s in sessions):
@@ -147,6 +147,12 @@ class RecommenderClient:
         Asks for `item_ids` and `scores` only: the server computes no explanations for it."""
         arrays = self._infer(sessions, k, self.outputs)
         return [] if arrays is None else decode_topk(*arrays, len(sessions), k)
+
+    def _infer(self, sessions, k, names):
+        arrays = self._infer_raw(sessions, k, names)
+        if arrays is not None:  # the served K: the outputs are [B, K] whatever k a request asks for
+            self.served_k = int(arrays[0].reshape(len(sessions), -1).shape[1])
+        return arrays
 
     def explain(self, sessions: Sequence[Sequence[str]], k: int = 10) -> list[list[Explained]]:
         """`recommend`'s answers with each item's per-branch contributions and the branch that drove it."""
@@ -263,6 +269,10 @@ def run(args: argparse.Namespace) -> int:
             recs = client.explain([items], k=args.k)[0] if args.explain else client.recommend([items], k=args.k)[0]
         except Exception as exc:
             raise ValueError(f"inference failed: {exc}") from exc
+    served_k = getattr(client, "served_k", None)
+    if served_k is not None and served_k < args.k:
+        print(f"odmt recommend: note: the server answers at most {served_k} items per session (the repository was "
+              f"exported with k={served_k}); export the RUN again with --k {args.k} for more", file=sys.stderr)
     if args.explain:
         print(json.dumps([r.as_json() for r in recs], ensure_ascii=False) if args.json
               else format_explained(recs, branches))
