@@ -308,3 +308,15 @@ def test_verification_at_load_hashes_a_folder_once_per_process_until_a_file_chan
     np.save(copy / "features" / "text.npy", feats[::-1].copy())  # same size, new content
     with pytest.raises(TrustError, match="features/text.npy changed"):
         trust.verify_prepared(copy)
+
+
+def test_explaining_a_model_outside_no_grad_warns_nothing(odmt_run, data_dir):
+    import warnings
+
+    from odmt_t4r.model import OdmtRecommender
+    from odmt_t4r.model.explain import BranchExplainer
+
+    model = OdmtRecommender.from_pretrained(odmt_run, data_dir=data_dir)  # as export's check builds it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        BranchExplainer(model).contributions(torch.tensor([[3, 4, 0]]), torch.tensor([[5, 6]]))

@@ -46,7 +46,7 @@ class BranchExplainer:
         catalog = model.catalog_vectors()
         prior = model.popularity_bias()
         self._mean_vector = {b: catalog[b][RESERVED_ROWS:].mean(0) for b in self.weights}  # [D]
-        self._mean_prior = {b: float(prior[b][RESERVED_ROWS:].mean()) if prior is not None else 0.0
+        self._mean_prior = {b: float(prior[b][RESERVED_ROWS:].detach().mean()) if prior is not None else 0.0
                             for b in self.weights}
 
     @property
