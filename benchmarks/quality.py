@@ -35,7 +35,9 @@ RESULTS = Path(__file__).parent / "results" / "quality.json"
 METRICS = ("HR@10", "NDCG@10", "HR@20", "NDCG@20")
 # the long-tail slice (targets with at most the catalog's median train count), coverage, the valid score
 TABLE_EXTRA = ("longtail/NDCG@10", "coverage@10", "valid/NDCG@10")
-MODELS = ("sasrec", "late-fusion", "odmt", "odmt-imt")
+# odmt-auto is trained as `odmt train --model odmt-auto` trains it (successive halving, selection.py), its
+# candidates one after another so that its wall time is one thread's, like every other run's
+MODELS = ("sasrec", "late-fusion", "odmt", "odmt-imt", "odmt-auto")
 # Variants of the odmt preset tried while choosing its defaults: name -> OdmtConfig overrides.
 KD_ON = dict(kd_weight=0.5, kd_ramp=0.1, tau=0.4, kd_mask_seen=True)  # the distillation variants share these
 VARIANTS = {
@@ -62,6 +64,9 @@ VARIANTS = {
     "odmt-d128": dict(d_model=128),
     # the learning rate x0.3 after 2 epochs without a valid improvement (TrainConfig.lr_plateau)
     "odmt-plateau": dict(lr_plateau=2),
+    # early-stopping patience 8 (default 5), for odmt and for the baseline alike
+    "odmt-p8": dict(patience=8),
+    "sasrec-p8": dict(preset="sasrec", patience=8),
     "sasrec-plateau": dict(preset="sasrec", lr_plateau=2),
     # each position's own item vector also scores the next item (OdmtConfig.item_to_item)
     "odmt-i2i": dict(item_to_item=0.5),
@@ -76,7 +81,7 @@ SELECTIONS = {
 # paused and resumed run is the run trained straight through (tests/test_model_selection.py), so the choice
 # at the rung is read from their log.jsonl, the wall time is the winner's plus the loser's first rung of
 # epochs, and the exhaustive choice (both to the end) is reported beside it
-HALVING = {"odmt-auto": ("odmt", "odmt-imt")}
+HALVING = {"odmt-halving": ("odmt", "odmt-imt")}  # checks odmt-auto against its candidates' full runs
 from odmt_t4r.anchors import RECBOLE_ML100K  # noqa: E402  (RecBole 1.2.1, same split, re-scored)
 
 
@@ -133,7 +138,7 @@ def train_settings(model: str, seed: int, epochs: int | None, patience: int | No
     preset = variant.pop("preset", model if model in MODELS else "odmt")  # a variant names its preset, else odmt
     settings = dict(model=preset, seed=seed, progress=False, threads=1, **variant)
     if preset == "odmt-auto":
-        settings.update(SELECTION_SETTINGS)
+        settings.update(SELECTION_SETTINGS)  # how it runs, not what it trains
     if epochs is not None:
         settings["epochs"] = epochs
     if patience is not None:
@@ -209,7 +214,8 @@ def one_run(dataset: str, model: str, seed: int, data: Path, work: Path, epochs:
                    epochs_run=summary["epochs_run"], stopped_early=summary["stopped"], epochs_cap=epochs,
                    patience=settings["patience"], train_seconds=_logged_seconds(run), run=str(run),
                    fusion=summary["fusion"]["name"], overrides=VARIANTS.get(model, {}),
-                   valid={k: v for k, v in valid.items() if isinstance(v, float)})
+                   valid={k: v for k, v in valid.items() if isinstance(v, float)},
+                   **{k: summary[k] for k in ("chosen", "candidates") if k in summary})
     done.write_text(json.dumps(metrics, indent=2, default=str))
     return metrics
 
@@ -252,12 +258,12 @@ def composed_halving(runs: list[dict], models: list[str]) -> list[dict]:
     """A row per (dataset, named selection, seed) whose candidates all finished: what successive halving
     keeps (the rung's score: the best fused valid NDCG@10 of the first `selection_rung` epochs, ties to the
     first listed), its wall time, and whether the exhaustive choice (final fusion scores) agrees."""
-    from odmt_t4r.training.selection import SELECTION_PRESETS, SelectionConfig, choose
+    from odmt_t4r.training.selection import SelectionConfig, choose
 
     by_key = {(r["dataset"], r["model"], r["seed"]): r for r in runs}
     out = []
     for sel in (m for m in models if m in HALVING):
-        rung = SelectionConfig(candidates=SELECTION_PRESETS[sel]["candidates"]).selection_rung
+        rung = SelectionConfig(candidates=list(HALVING[sel])).selection_rung
         for ds, seed in sorted({(r["dataset"], r["seed"]) for r in runs}):
             rows = [by_key.get((ds, c, seed)) for c in HALVING[sel]]
             if None in rows:
@@ -272,6 +278,15 @@ def composed_halving(runs: list[dict], models: list[str]) -> list[dict]:
                         "exhaustive_choice": choose(final), "agrees": kept == choose(final),
                         "train_seconds": round(seconds, 1)})
     return out
+
+
+def selection_agreement(runs: list[dict]) -> list[dict]:
+    """Per (dataset, seed): the preset `odmt train --model odmt-auto` kept by successive halving, and the one
+    the exhaustive selection (both candidates trained to the end, odmt-select) keeps."""
+    by_key = {(r["dataset"], r["model"], r["seed"]): r for r in runs}
+    return [{"dataset": ds, "seed": seed, "halving": r.get("chosen"), "exhaustive": by_key[(ds, "odmt-select", seed)]["chosen"],
+             "agrees": r.get("chosen") == by_key[(ds, "odmt-select", seed)]["chosen"]}
+            for (ds, m, seed), r in sorted(by_key.items()) if m == "odmt-auto" and (ds, "odmt-select", seed) in by_key]
 
 
 def _logged_seconds(run: Path) -> float:
@@ -455,6 +470,7 @@ def main() -> None:
         runs = [_report(_one_run_job(j)) for j in jobs]
     runs = ([r for r in runs if r["model"] in args.models] + composed_selections(runs, args.models)
             + composed_halving(runs, args.models))
+    agreement = selection_agreement(runs)
     order = {m: i for i, m in enumerate([*MODELS, *VARIANTS, *SELECTIONS, *HALVING])}
     runs.sort(key=lambda r: (r["dataset"], order.get(r["model"], 99), r["seed"]))
     agg = aggregate(runs)
@@ -462,9 +478,12 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"benchmark": "quality", "epochs_cap": caps, "patience": args.patience,
                                           "aggregate": agg,
-                                          "goal": goal, "anchor": RECBOLE_ML100K, "runs": runs}, indent=2, default=str))
+                                          "goal": goal, "selection_agreement": agreement, "anchor": RECBOLE_ML100K,
+                                          "runs": runs}, indent=2, default=str))
     print(markdown(agg))
     print(goal_table(goal))
+    for a in agreement:
+        print(f"{a['dataset']} seed {a['seed']}: odmt-auto kept {a['halving']}, the exhaustive selection {a['exhaustive']}")
     print(f"wrote {args.out}")
     if args.write_docs:
         from docs_page import write_block  # noqa: E402  (benchmarks/ is on sys.path when run as a script)

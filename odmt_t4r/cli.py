@@ -14,6 +14,8 @@ import sys
 import traceback
 import warnings
 
+from odmt_t4r.errors import headline  # what a user error is, and how it reads
+
 # name -> (module, one-line help)
 COMMANDS = {
     "prepare": ("odmt_t4r.prepare", "load a source, build item features, run the NVTabular workflows, write DIR"),
@@ -24,11 +26,9 @@ COMMANDS = {
     "serve": ("triton_models.server", "start a real Triton server on a model repository"),
     "recommend": ("triton_models.client", "ask a running server for recommendations"),
     "run": ("odmt_t4r.pipeline", "the main job: prepare, train ODMT and a baseline, evaluate, serve on Triton, report"),
+    "sign": ("odmt_t4r.trust", "sign a RUN you trust with ODMT_SIGNING_KEY (its files hashed into its manifest)"),
     "report": ("odmt_t4r.report", "write the HTML report (figures, metrics, example sessions) of a finished RUN"),
 }
-
-# Bad input, missing or misplaced files: the message is the whole story. Anything else is a bug.
-USER_ERRORS = (ValueError, OSError)
 
 
 def _quiet_imports() -> None:
@@ -67,12 +67,10 @@ def report_error(command: str, exc: BaseException, debug: bool = False) -> int:
     """Prints `exc` so that stderr ends with one line `odmt <command>: error: ...`; returns exit code 2."""
     if debug:
         traceback.print_exc()
-    headline, _, details = (str(exc).strip() or type(exc).__name__).partition("\n")
+    first, details = headline(exc, debug)
     if details:
         print(details, file=sys.stderr)
-    if not isinstance(exc, USER_ERRORS):
-        headline = f"unexpected {type(exc).__name__}: {headline}" + ("" if debug else " (rerun with --debug for the traceback)")
-    print(f"odmt {command}: error: {headline}", file=sys.stderr, flush=True)
+    print(f"odmt {command}: error: {first}", file=sys.stderr, flush=True)
     return 2
 
 

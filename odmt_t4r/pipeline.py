@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from odmt_t4r.cli import USER_ERRORS
+from odmt_t4r.errors import headline
 from odmt_t4r.contract import read_selection
 
 STAGE_FORMAT = "odmt-stage/1"
@@ -160,13 +160,11 @@ class StageRecords:
 
     def failure(self, stage: Stage, exc: Exception) -> StageFailed:
         """The message: the cause's details first, then one line naming the stage, the cause and the way on."""
-        headline, _, details = (str(exc).strip() or type(exc).__name__).partition("\n")
-        if not isinstance(exc, USER_ERRORS):
-            headline = f"unexpected {type(exc).__name__}: {headline} (rerun with --debug for the traceback)"
+        first, details = headline(exc)
         kept = f"; {', '.join(self.done)} stay done and will be skipped" if self.done else ""
         note = f" ({stage.resume_note})" if stage.resume_note else ""
         return StageFailed(f"{details}\n" * bool(details) +
-                           f"stage '{stage.name}' failed: {headline}. Fix the cause and run the same `odmt run` "
+                           f"stage '{stage.name}' failed: {first}. Fix the cause and run the same `odmt run` "
                            f"command again to resume at '{stage.name}'{note}{kept}")
 
 
@@ -383,35 +381,15 @@ def run_hashes(work: Path, model: str) -> dict:
     return {f: sha256_of(work / "runs" / model / f) for f in ("config.json", "model.pt", "item_vectors.pt")}
 
 
-def test_metrics(run_dir: Path, data_dir: Path | None = None) -> dict:
-    """`odmt evaluate --split test` of a RUN, in memory: fused and per-branch HR/NDCG, long tail, coverage."""
-    import torch
-
-    from odmt_t4r.model import OdmtRecommender
-    from odmt_t4r.training.data import PreparedData
-    from odmt_t4r.training.evaluate import evaluate_model
-
-    data_dir = data_dir or Path(json.loads((run_dir / "config.json").read_text())["data"]["dir"])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as `odmt evaluate`: a second thread only contends on 2 cores
-    try:
-        t0 = time.perf_counter()
-        model = OdmtRecommender.from_pretrained(run_dir, data_dir=data_dir)
-        metrics = evaluate_model(model, PreparedData(data_dir), "test", progress=False)
-    finally:
-        torch.set_num_threads(threads)
-    metrics.update({"model": model.config.name, "data": str(data_dir), "seconds": round(time.perf_counter() - t0, 2)})
-    return metrics
-
-
 def evaluate_stage(work: Path, model: str) -> Stage:
     from odmt_t4r.output_folder import atomic_write
+    from odmt_t4r.training.evaluate import evaluate_run
 
     run_dir = work / "runs" / model
     inputs = {"run": run_hashes(work, model), "data": sha256_of(work / "data" / "manifest.json")}
 
     def run(resume: bool) -> dict:
-        metrics = test_metrics(run_dir, work / "data")
+        metrics = evaluate_run(run_dir, work / "data", "test")
         atomic_write(run_dir / "metrics-test.json", json.dumps(metrics, indent=2) + "\n", fsync=False)
         return {m: metrics[m] for m in METRICS}
 
@@ -436,22 +414,6 @@ def export_stage(o: RunOptions, work: Path) -> Stage:
         verify_folder(work / "repo", FORMAT, "model repository", strict=True)
 
     return Stage("export", inputs, ["repo/manifest.json"], run, verify=verify)
-
-
-def held_out_sessions(data_dir: Path, n: int, seed: int = 0) -> list[dict]:
-    """`n` users of the test split: {"row", "history" (raw IDs, oldest first), "target" (the held-out next
-    item)}; the same users for the same seed."""
-    import numpy as np
-    import pandas as pd
-
-    from odmt_t4r.prepare import read_split
-
-    frame = read_split(data_dir / "test", ["seen-list", "item_id-list"])
-    items = pd.read_parquet(data_dir / "items.parquet", columns=["item_idx", "item_id"])
-    raw = dict(zip(items["item_idx"].tolist(), items["item_id"].astype(str).tolist()))
-    rows = np.random.default_rng(seed).choice(len(frame), size=min(n, len(frame)), replace=False)
-    return [{"row": int(r), "history": [raw[int(i)] for i in frame["seen-list"].iloc[r]],
-             "target": raw[int(frame["item_id-list"].iloc[r][-1])]} for r in rows]
 
 
 def serve_sessions(repo: Path, sessions: list[dict], k: int, server_log: Path) -> dict:
@@ -497,12 +459,13 @@ def serve_sessions(repo: Path, sessions: list[dict], k: int, server_log: Path) -
 
 def serve_stage(o: RunOptions, work: Path) -> Stage:
     from odmt_t4r.output_folder import atomic_write
+    from odmt_t4r.training.data import sample_sessions
 
     inputs = {"repo": sha256_of(work / "repo" / "manifest.json"), "sessions": o.sessions, "k": o.k,
               "seed": o.sessions_seed}
 
     def run(resume: bool) -> dict:
-        sessions = held_out_sessions(work / "data", o.sessions, o.sessions_seed)
+        sessions = sample_sessions(work / "data", o.sessions, seed=o.sessions_seed)
         served = serve_sessions(work / "repo", sessions, o.k, work / "logs" / "tritonserver.log")
         served["repo"] = str(work / "repo")
         atomic_write(work / "served.json", json.dumps(served, indent=2) + "\n", fsync=False)

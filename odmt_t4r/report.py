@@ -71,10 +71,10 @@ class RunView:
             if path.is_file():
                 self._metrics = json.loads(path.read_text())
             else:
-                from odmt_t4r.pipeline import test_metrics
+                from odmt_t4r.training.evaluate import evaluate_run
 
                 log(f"{self.dir} has no metrics-test.json: scoring its test split (not written)")
-                self._metrics = test_metrics(self.dir, self.data_dir)
+                self._metrics = evaluate_run(self.dir, self.data_dir, "test")
         return self._metrics
 
     @property
@@ -230,9 +230,11 @@ def in_process_examples(run: RunView, n: int, k: int, seed: int = 0) -> dict:
 
     from odmt_t4r.model import OdmtRecommender
     from odmt_t4r.model.explain import BranchExplainer, driving_branches
-    from odmt_t4r.pipeline import held_out_sessions
+    from odmt_t4r.training.data import sample_sessions
+    from odmt_t4r.trust import verify_run
 
-    sessions = held_out_sessions(run.data_dir, n, seed)
+    sessions = sample_sessions(run.data_dir, n, seed=seed)
+    verify_run(run.dir)  # before its weights are loaded
     items = pd.read_parquet(run.data_dir / "items.parquet", columns=["item_idx", "item_id"])
     index = dict(zip(items["item_id"].astype(str), items["item_idx"].tolist()))
     raw = {v: k for k, v in index.items()}

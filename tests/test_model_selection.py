@@ -205,3 +205,23 @@ def test_candidate_jobs_must_not_be_negative(data_dir, tmp_path, capsys):
     assert cli(command, ["--data", data_dir, "--out", tmp_path / "x", "--candidates", *PAIR,
                        "--candidate-jobs", -1]) == 2
     assert capsys.readouterr().err.startswith("odmt train: error: candidate_jobs must be >= 0")
+
+
+def test_a_finished_run_and_a_finished_selection_carry_their_file_hashes(data_dir, tmp_path):
+    from odmt_t4r.trust import TrustError, verify_run
+
+    train_model(dict(FAST, epochs=1, candidates=PAIR), data_dir, tmp_path / "sel", log=quiet)
+    for run in (tmp_path / "sel", tmp_path / "sel" / CANDIDATES / PAIR[0]):
+        manifest = verify_run(run)
+        assert manifest is not None and {"model.pt", "config.json", "fusion.json"} <= set(manifest["files"])
+    assert SELECTION in verify_run(tmp_path / "sel")["files"]
+    weights = tmp_path / "sel" / "model.pt"
+    blob = bytearray(weights.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF  # one flipped byte changes one weight
+    weights.write_bytes(bytes(blob))
+    with pytest.raises(TrustError, match="model.pt"):
+        verify_run(tmp_path / "sel")
+    # a run paused by successive halving is unfinished: no manifest until it ends
+    train_model(dict(FAST, epochs=4, candidates=PAIR, selection_rung=1), data_dir, tmp_path / "halving", log=quiet)
+    loser = next(p for p in (tmp_path / "halving" / CANDIDATES).iterdir() if p.name != read_selection(tmp_path / "halving")["chosen"])
+    assert not (loser / "manifest.json").exists()

@@ -18,7 +18,7 @@ import torch
 
 from odmt_t4r.model.prepared import PreparedInfo, read_prepared
 
-from odmt_t4r.contract import SEEN_LIST, USER_IDX, last_items  # noqa: E402
+from odmt_t4r.contract import ITEM_LIST, SEEN_LIST, USER_IDX, last_items, read_split  # noqa: E402
 
 
 def pad_ragged(values: torch.Tensor, offsets: torch.Tensor, width: int | None = None) -> torch.Tensor:
@@ -77,3 +77,16 @@ class PreparedData:
 
     def num_batches(self, split: str, batch_size: int) -> int:
         return -(-self.num_rows(split) // batch_size)
+
+
+def sample_sessions(data_dir: str | os.PathLike, n: int, split: str = "test", seed: int = 0) -> list[dict]:
+    """`n` users of a split, drawn with `seed` (the same users for the same seed): {"row", "history" (raw IDs,
+    oldest first: the user's items before the split's target), "target" (the held-out next item)}."""
+    import pandas as pd
+
+    frame = read_split(Path(data_dir) / split, [SEEN_LIST, ITEM_LIST])
+    items = pd.read_parquet(Path(data_dir) / "items.parquet", columns=["item_idx", "item_id"])
+    raw = dict(zip(items["item_idx"].tolist(), items["item_id"].astype(str).tolist()))
+    rows = np.random.default_rng(seed).choice(len(frame), size=min(n, len(frame)), replace=False)
+    return [{"row": int(r), "history": [raw[int(i)] for i in frame[SEEN_LIST].iloc[r]],
+             "target": raw[int(frame[ITEM_LIST].iloc[r][-1])]} for r in rows]

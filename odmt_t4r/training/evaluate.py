@@ -119,40 +119,53 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def run(args: argparse.Namespace) -> int:
-    run_dir = Path(args.run)
-    if not (run_dir / "model.pt").is_file():
-        print(f"odmt evaluate: error: {run_dir} holds no trained model (model.pt)", file=sys.stderr)
-        return 2
-    payload = json.loads((run_dir / "config.json").read_text())
-    data_dir = args.data or payload.get("data", {}).get("dir")
-    if not data_dir or not Path(data_dir).is_dir():
-        print(f"odmt evaluate: error: prepared DIR {data_dir!r} not found; pass --data DIR", file=sys.stderr)
-        return 2
+def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None, split: str = "test", slice_: str | None = None,
+                 batch_size: int = 512, threads: int = 1, progress: bool = False, warn=None) -> dict:
+    """Score a RUN on a split of a prepared DIR (default: the DIR it was trained on): the RUN is verified
+    before its weights are loaded, the DIR by PreparedData. Fused and per-branch HR/NDCG, long tail,
+    coverage, "model", "data", "seconds". `odmt evaluate`, `odmt run`, the report and the benchmarks."""
     from odmt_t4r.trust import verify_run
 
+    run_dir = Path(run_dir)
+    if not (run_dir / "model.pt").is_file():
+        raise FileNotFoundError(f"{run_dir} holds no trained model (model.pt)")
+    payload = json.loads((run_dir / "config.json").read_text())
+    data_dir = data_dir or payload.get("data", {}).get("dir")
+    if not data_dir or not Path(data_dir).is_dir():
+        raise FileNotFoundError(f"prepared DIR {str(data_dir)!r} not found; pass --data DIR")
+    if slice_ and split != "test":
+        raise ValueError(f"--slice {slice_} is a slice of the test split, not of '{split}'")
     verify_run(run_dir)  # before model.pt is loaded; PreparedData checks the DIR (read_prepared)
     data = PreparedData(data_dir)
     trained_on = payload.get("data", {}).get("manifest_sha256")
-    if trained_on and trained_on != data.info.manifest_sha256:
-        print(f"odmt evaluate: warning: {data.root} is not the prepared data this RUN was trained on "
-              "(manifest hash differs)", file=sys.stderr)
-    torch.set_num_threads(max(1, args.threads))
-    t0 = time.perf_counter()
-    if args.slice and args.split != "test":
-        raise ValueError(f"--slice {args.slice} is a slice of the test split, not of '{args.split}'")
-    model = OdmtRecommender.from_pretrained(run_dir, data_dir=data_dir)
-    if args.slice == "cold":
-        metrics = evaluate_cold_slice(model, data, run_dir, args.batch_size)
-    else:
-        metrics = evaluate_model(model, data, args.split, args.batch_size, progress=not args.no_progress)
-    metrics.update({"model": model.config.name, "data": str(data.root),
+    if warn is not None and trained_on and trained_on != data.info.manifest_sha256:
+        warn(f"{data.root} is not the prepared data this RUN was trained on (manifest hash differs)")
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))  # one thread by default: a second only contends on 2 cores
+    try:
+        t0 = time.perf_counter()
+        model = OdmtRecommender.from_pretrained(run_dir, data_dir=data_dir)
+        if slice_ == "cold":
+            metrics = evaluate_cold_slice(model, data, run_dir, batch_size)
+        else:
+            metrics = evaluate_model(model, data, split, batch_size, progress=progress)
+    finally:
+        torch.set_num_threads(threads_before)
+    metrics.update({"model": model.config.name, "branches": model.branch_names, "data": str(data.root),
                     "seconds": round(time.perf_counter() - t0, 2)})
+    return metrics
+
+
+def run(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run)
+    metrics = evaluate_run(run_dir, args.data, args.split, args.slice, args.batch_size, args.threads,
+                           progress=not args.no_progress,
+                           warn=lambda m: print(f"odmt evaluate: warning: {m}", file=sys.stderr))
     name = "-".join(filter(None, ["metrics", args.split, args.slice]))
     (run_dir / f"{name}.json").write_text(json.dumps(metrics, indent=2) + "\n")
     shown = {**metrics, "split": f"{args.split}, {args.slice} slice", "longtail_rule": "not computed on a slice"} \
         if args.slice else metrics
-    print(scorer_table(shown, model.branch_names), file=sys.stderr)
+    print(scorer_table(shown, metrics["branches"]), file=sys.stderr)
     print(json.dumps(metrics, indent=2))
     return 0
 

@@ -33,6 +33,7 @@ from odmt_t4r.model import model_registry
 from odmt_t4r.model.prepared import read_prepared
 from odmt_t4r.output_folder import atomic_write
 from odmt_t4r.parallel import run_jobs, usable_cores
+from odmt_t4r.trust import write_run_manifest
 
 from . import distributed
 from .train import MODEL_CHOICES as PRESETS
@@ -189,6 +190,7 @@ def train_selection(cfg: TrainConfig, selection: SelectionConfig, data_dir, out:
         src = out / CANDIDATES / chosen / f
         atomic_write(out / f, lambda tmp, src=src: shutil.copyfile(src, tmp))
     atomic_write(out / SELECTION, _payload(record, data_sha256, scores, chosen, rungs))
+    write_run_manifest(out)  # the chosen files and the choice, as one finished RUN
     log(f"chose {chosen} on validation: " + ", ".join(f"{n} {s:.4f}" for n, s in scores.items()))
     return {**summaries[chosen], "chosen": chosen, "candidates": scores}
 

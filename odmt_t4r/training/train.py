@@ -44,6 +44,7 @@ import torch
 from odmt_t4r.flags import typed
 from odmt_t4r.model import OdmtConfig, build_model, model_registry
 from odmt_t4r.output_folder import atomic_write, fault_point
+from odmt_t4r.trust import write_run_manifest
 
 from . import distributed
 from .averaging import WeightAverage
@@ -440,6 +441,8 @@ def _train(cfg: TrainConfig, data_dir, out: Path, resume: bool, ckpt_path: Path,
         return None
     paused = not state["stopped"] and state["epoch"] + 1 < cfg.epochs  # by `until`: resumed later, or never
     fusion = None if paused else _final_fusion(out, data, cfg, run_info)
+    if not paused:
+        write_run_manifest(out)  # last: the finished RUN's file hashes, signed when ODMT_SIGNING_KEY is set
     if paused:
         log(f"paused after epoch {state['epoch'] + 1}: best valid NDCG@10 {state['best_metric']:.4f} at epoch "
             f"{state['best_epoch'] + 1}; {out} resumes with --resume")
