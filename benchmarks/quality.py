@@ -45,7 +45,6 @@ VARIANTS = {
     "odmt-paper-kd": dict(kd_mode="mutual", id_teacher="ensemble", kd_weight=1.0, tau=0.3, kd_ramp=0.65),
     "odmt-mutual": dict(KD_ON, kd_mode="mutual", id_teacher="ensemble"),
     "odmt-kd-ensemble": dict(KD_ON, kd_mode="detached", id_teacher="ensemble"),
-    "odmt-kd-others": dict(KD_ON, kd_mode="detached", id_teacher="ensemble-others"),
     "odmt-no-kd-mask": dict(KD_ON, kd_mode="detached", id_teacher="none", kd_mask_seen=False),
     "odmt-no-prior": dict(popularity_prior=False),
     "odmt-full": dict(loss="full"),
@@ -62,14 +61,9 @@ VARIANTS = {
     "odmt-avgsel": dict(average_epochs=2.0, average_select=True),
     # the cheaper item tower affords a wider model
     "odmt-d128": dict(d_model=128),
-    # the learning rate x0.3 after 2 epochs without a valid improvement (TrainConfig.lr_plateau)
-    "odmt-plateau": dict(lr_plateau=2),
     # early-stopping patience 8 (default 5), for odmt and for the baseline alike
     "odmt-p8": dict(patience=8),
     "sasrec-p8": dict(preset="sasrec", patience=8),
-    "sasrec-plateau": dict(preset="sasrec", lr_plateau=2),
-    # each position's own item vector also scores the next item (OdmtConfig.item_to_item)
-    "odmt-i2i": dict(item_to_item=0.5),
 }
 # Model selections (`odmt train --candidates`): name -> candidate entries that differ only in their preset.
 # Composed from the candidates' runs by the rule train uses (selection.choose on the final fused valid
@@ -124,7 +118,7 @@ def prepared(dataset: str, work: Path) -> Path:
 
 EXECUTION_ONLY = ("progress", "threads", "epochs", "nproc", "amp", "device", "candidate_jobs")
 SELECTION_SETTINGS = {"candidate_jobs": 1}  # a named selection's candidates one after another, one thread
-# settings added after runs were benchmarked: at these values they train what those runs trained
+# settings added after runs were benchmarked, or removed since: at these values they train what those runs trained
 NEUTRAL = {"average_epochs": 0.0, "average_select": False, "item_to_item": 0.0, "candidates": None, "lr_plateau": 0,
            "lr_decay": 0.3, "selection_rung": 5}
 

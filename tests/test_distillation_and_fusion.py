@@ -50,18 +50,17 @@ def test_detached_kd_is_a_kl_that_sends_no_gradient_to_the_teacher():
 
 @pytest.mark.parametrize("id_teacher, expected", [
     ("ensemble", {"id": "ensemble", "text": "id", "image": "id"}),
-    ("ensemble-others", {"id": "ensemble-others", "text": "id", "image": "id"}),
     ("none", {"text": "id", "image": "id"}),
 ])
 def test_the_id_branchs_teacher_is_a_choice(id_teacher, expected):
     assert teacher_map(["id", "text", "image"], id_teacher) == expected
 
 
-def test_ensemble_others_leaves_the_student_out_of_its_teacher():
-    task = PeerDistillationTask(["id", "text", "image"], n_index=10, id_teacher="ensemble-others")
+def test_the_ensemble_teacher_is_the_mean_of_every_branch():
+    task = PeerDistillationTask(["id", "text", "image"], id_teacher="ensemble")
     logits = {"id": torch.full((1, 4), 9.0), "text": torch.ones(1, 4), "image": torch.full((1, 4), 3.0)}
-    assert torch.equal(task.teacher_logits(logits, "id", "ensemble-others"), torch.full((1, 4), 2.0))
-    assert torch.equal(task.teacher_logits(logits, "id", "ensemble"), torch.full((1, 4), 13.0 / 3))
+    assert torch.equal(task.teacher_logits(logits, "ensemble"), torch.full((1, 4), 13.0 / 3))
+    assert torch.equal(task.teacher_logits(logits, "text"), logits["text"])
 
 
 @pytest.mark.parametrize("mode, teacher_grad", [("mutual", True), ("detached", False)])
@@ -87,7 +86,7 @@ def test_kd_mask_removes_the_users_own_items_from_the_distilled_distributions():
     def kd(mask_seen, bump):
         c = {b: v.clone() for b, v in cands.items()}
         c["id"][3] += bump  # move a seen item's teacher score only
-        task = PeerDistillationTask(["id", "text"], n_index=8, kd_mask_seen=mask_seen, kd_weight=1.0)
+        task = PeerDistillationTask(["id", "text"], kd_mask_seen=mask_seen, kd_weight=1.0)
         return task(states, c, y, progress=1.0, seen=seen)["losses"]["kd"].item()
 
     assert kd(True, 0.0) == pytest.approx(kd(True, 3.0), rel=1e-6)  # masked: the seen item plays no part

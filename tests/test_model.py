@@ -120,8 +120,8 @@ def test_teacher_map_generalises_to_any_branch_set():
     assert teacher_map(["id", "text"]) == {"id": "ensemble", "text": "id"}
     assert teacher_map(["text", "image"]) == {"text": "ensemble", "image": "ensemble"}
     assert teacher_map(["id"]) == {}
-    assert PeerDistillationTask(["id"], n_index=10).weight(7) == 0.0  # a lone branch has no peer
-    assert PeerDistillationTask(["id", "text"], n_index=10, kd_weight=0.5).weight(7) == 0.5
+    assert PeerDistillationTask(["id"]).weight(7) == 0.0  # a lone branch has no peer
+    assert PeerDistillationTask(["id", "text"], kd_weight=0.5).weight(7) == 0.5
 
 
 def test_soft_cross_entropy_sends_gradients_to_the_teacher():

@@ -134,3 +134,23 @@ def test_resume_continues_exactly_where_an_interrupted_run_stopped(data_dir, tmp
     a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_written_before_the_house_was_tidied_still_loads_and_scores(data_dir, tmp_path):
+    """RUNs from before this version: no manifest, settings since removed (item_to_item, lr_plateau,
+    candidates on the TrainConfig) and the IMT under the name odmt: they load and score as before."""
+    from odmt_t4r.model import OdmtRecommender
+    from odmt_t4r.training.evaluate import evaluate_run
+
+    run = tmp_path / "old"
+    train_model(dict(FAST, epochs=1, model="odmt-imt"), data_dir, run, log=lambda *_: None)
+    before = evaluate_run(run, data_dir, "valid")
+    config = json.loads((run / "config.json").read_text())
+    config["model"].update(item_to_item=0.0, name="odmt")
+    config["train"].update(lr_plateau=0, lr_decay=0.3, candidates=None, candidate_jobs=0, model="odmt")
+    (run / "config.json").write_text(json.dumps(config))
+    (run / "manifest.json").unlink()  # older RUNs have none: trusted while no signing key is set
+    model = OdmtRecommender.from_pretrained(run, data_dir=data_dir)
+    assert model.config.item_tower == "imt"  # what it was trained as, whatever the preset is called now
+    after = evaluate_run(run, data_dir, "valid")
+    assert after["NDCG@10"] == pytest.approx(before["NDCG@10"]) and after["HR@20"] == pytest.approx(before["HR@20"])

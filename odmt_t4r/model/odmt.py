@@ -75,14 +75,11 @@ class OdmtConfig:
     # a learned per-branch weight on log(train count) added to every score: popularity is explained by
     # one scalar, so the item vectors are free to learn similarity (rare items are not pushed down)
     popularity_prior: bool = True
-    # weight of an item-to-item term: each position's own item vector (not the sequence state) also
-    # scores the next item, so every branch's item tower learns item similarity directly; 0 = off
-    item_to_item: float = 0.0
     # distillation (peer_distillation.py): the form, the id branch's teacher, the seen-item mask, tau,
     # the weight and its ramp as a fraction of the epoch budget. Off by default: in benchmarks/quality.py
     # no variant beat the same model without it (docs/benchmarks/quality.md); kd_weight 0.5 turns the rest on.
     kd_mode: str = "detached"  # "detached" | "mutual" (the paper's)
-    id_teacher: str = "none"  # "ensemble" (the paper's) | "ensemble-others" | "none"
+    id_teacher: str = "none"  # "ensemble" (the paper's) | "none"
     kd_mask_seen: bool = True
     tau: float = 0.4
     kd_weight: float = 0.0
@@ -115,8 +112,6 @@ class OdmtConfig:
         for name in ("d_model", "n_heads", "imt_layers", "seq_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.item_to_item < 0:
-            raise ValueError(f"item_to_item must be >= 0, got {self.item_to_item}")
         if not self.tau > 0 or self.kd_weight < 0 or not 0 <= self.kd_ramp <= 1:
             raise ValueError(f"need tau > 0, kd_weight >= 0 and 0 <= kd_ramp <= 1; got tau={self.tau}, "
                              f"kd_weight={self.kd_weight}, kd_ramp={self.kd_ramp}")
@@ -187,8 +182,7 @@ class OdmtRecommender(nn.Module):
                                         n_heads=c.n_heads, dropout=c.seq_dropout, max_length=c.max_length)
         in_dim = c.d_model * (len(c.modalities) if c.fusion == "late" else 1)
         self.branches = nn.ModuleDict({b: Branch(b, in_dim, seq_cfg, mlp=c.branch_mlp) for b in c.branch_names})
-        self.task = PeerDistillationTask(c.branch_names, c.n_index, tau=c.tau, kd_weight=c.kd_weight,
-                                         kd_ramp=c.kd_ramp, sampled_softmax=c.loss == "in_batch",
+        self.task = PeerDistillationTask(c.branch_names, tau=c.tau, kd_weight=c.kd_weight, kd_ramp=c.kd_ramp,
                                          kd_mode=c.kd_mode, id_teacher=c.id_teacher, kd_mask_seen=c.kd_mask_seen)
         self.register_buffer("log_popularity", torch.zeros(c.n_index))  # log max(train count, 1): popular fallback
         self.register_buffer("train_count", torch.zeros(c.n_index))  # for the prior and the logQ correction
@@ -369,11 +363,6 @@ class OdmtRecommender(nn.Module):
         nonpad = (history > 0).unsqueeze(-1)  # [B L 1]
         states = {b: self.branches[b](seq[b] * nonpad)[valid] for b in self.branches}  # [P D]
         out = self.task(states, candidates, y, progress=progress, bias=bias, mask=mask, seen=seen)
-        if self.config.item_to_item > 0:
-            pair = self.task.logits({b: seq[b][valid] for b in self.branches}, candidates, bias=bias, mask=mask)
-            term = sum(self.task.loss(z, y) for z in pair.values())
-            out["losses"]["i2i"] = term
-            out["loss"] = out["loss"] + self.config.item_to_item * term
         return out
 
     # ------------------------------------------------------------------ inference

@@ -10,10 +10,13 @@ Two forms of kd (`kd_mode`):
     "detached" tau^2 * KL(softmax(T / tau) || softmax(S / tau)) with a stop-gradient teacher: knowledge
                flows one way only, so a strong branch is never pulled toward a weak one
 Teachers: text <- id, image <- id, and the id branch's teacher is `id_teacher`:
-    "ensemble" the mean of every branch's logits (the paper), "ensemble-others" the mean of the other
-    branches' logits, "none" (id learns from the labels only).
+    "ensemble" the mean of every branch's logits (the paper), "none" (id learns from the labels only).
 Without an "id" branch every branch learns from the ensemble; a single branch has no peer, so no KD.
 With `mask` the user's own other items are removed from the KD distributions (the official code's seen mask).
+
+A plain torch module: Transformers4Rec's NextItemPredictionTask scores one body output against one
+embedding table, while every ODMT branch has its own states and its own tied item vectors. The
+Transformers4Rec blocks of ODMT are its branch sequence encoders (branch.py).
 """
 
 from __future__ import annotations
@@ -22,12 +25,11 @@ import math
 
 import torch
 import torch.nn.functional as F
-from transformers4rec.torch.model.prediction_task import NextItemPredictionTask
+from torch import nn
 
 ENSEMBLE = "ensemble"
-ENSEMBLE_OTHERS = "ensemble-others"
 KD_MODES = ("detached", "mutual")
-ID_TEACHERS = ("ensemble", "ensemble-others", "none")
+ID_TEACHERS = ("ensemble", "none")
 FUSION_SCORES = ("raw", "log_softmax")
 MASKED_LOGIT = -1e9  # finite, so softmax gives exactly 0 and 0 * log_softmax stays 0 (no NaN) in KD
 
@@ -70,21 +72,13 @@ def detached_kl(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> tor
 KD_LOSSES = {"mutual": soft_cross_entropy, "detached": detached_kl}
 
 
-class PeerDistillationTask(NextItemPredictionTask):
-    """A T4R next-item task over several branches scoring the same candidates.
+class PeerDistillationTask(nn.Module):
+    """Next-item cross-entropy of every branch over the same candidates, plus peer distillation."""
 
-    It keeps NextItemPredictionTask's contract (CrossEntropyLoss, padding index, target_dim, the
-    sampled-softmax switch, top-k prediction) but takes per-branch states and candidate vectors instead
-    of one body output and one embedding table, because every ODMT branch has its own tied item vectors.
-    It is called directly by `OdmtRecommender`, not built by a T4R `Head`.
-    """
-
-    def __init__(self, branches: list[str], n_index: int, tau: float = 0.4, kd_weight: float = 1.0,
-                 kd_ramp: float = 0.25, sampled_softmax: bool = False, kd_mode: str = "detached",
-                 id_teacher: str = ENSEMBLE, kd_mask_seen: bool = True):
-        super().__init__(loss=torch.nn.CrossEntropyLoss(), metrics=(), task_name="peer-distillation",
-                         weight_tying=True, padding_idx=0, target_dim=n_index,
-                         sampled_softmax=sampled_softmax)
+    def __init__(self, branches: list[str], tau: float = 0.4, kd_weight: float = 1.0, kd_ramp: float = 0.25,
+                 kd_mode: str = "detached", id_teacher: str = ENSEMBLE, kd_mask_seen: bool = True):
+        super().__init__()
+        self.loss = nn.CrossEntropyLoss()
         if kd_mode not in KD_MODES:
             raise ValueError(f"kd_mode={kd_mode!r}; choose one of {KD_MODES}")
         if id_teacher not in ID_TEACHERS:
@@ -96,10 +90,6 @@ class PeerDistillationTask(NextItemPredictionTask):
         self.kd_ramp = kd_ramp
         self.kd_mode = kd_mode
         self.kd_mask_seen = kd_mask_seen
-        self.built = True  # nothing to build: the model hands over states and candidates itself
-
-    def build(self, *args, **kwargs):  # noqa: D102 - a T4R Head never builds this task
-        raise NotImplementedError("PeerDistillationTask is driven by OdmtRecommender, not by a T4R Head")
 
     def weight(self, progress: float) -> float:
         """The KD weight at `progress` = epoch / epoch budget (0 when there is no peer to learn from)."""
@@ -120,20 +110,17 @@ class PeerDistillationTask(NextItemPredictionTask):
             out[b] = z
         return out
 
-    def teacher_logits(self, logits: dict[str, torch.Tensor], student: str, teacher: str) -> torch.Tensor:
+    def teacher_logits(self, logits: dict[str, torch.Tensor], teacher: str) -> torch.Tensor:
         if teacher == ENSEMBLE:
             return torch.stack([logits[b] for b in self.branches]).mean(0)
-        if teacher == ENSEMBLE_OTHERS:
-            return torch.stack([logits[b] for b in self.branches if b != student]).mean(0)
         return logits[teacher]
 
     def forward(self, states: dict[str, torch.Tensor], candidates: dict[str, torch.Tensor],
                 targets: torch.Tensor, progress: float = 0.0, bias: dict[str, torch.Tensor] | None = None,
-                mask: torch.Tensor | None = None, seen: torch.Tensor | None = None, training: bool = True,
-                **kwargs) -> dict:
+                mask: torch.Tensor | None = None, seen: torch.Tensor | None = None) -> dict:
         """targets [N]: the position of each state's true next item among the candidates.
         mask [N C]: excluded from CE and KD; seen [N C]: the user's other items, excluded from KD only
-        (when kd_mask_seen). Returns {"loss", "losses": {b, "kd"}, "kd_weight", "predictions", "labels"}."""
+        (when kd_mask_seen). Returns {"loss", "losses": {b, "kd"}, "kd_weight"}."""
         logits = self.logits(states, candidates, bias=bias, mask=mask)
         losses = {b: self.loss(z, targets) for b, z in logits.items()}
         total = sum(losses.values())
@@ -143,13 +130,12 @@ class PeerDistillationTask(NextItemPredictionTask):
             if self.kd_mask_seen and seen is not None:
                 kd_logits = {b: z.masked_fill(seen, MASKED_LOGIT) for b, z in logits.items()}
             kd_loss = KD_LOSSES[self.kd_mode]
-            kd = sum(kd_loss(kd_logits[s], self.teacher_logits(kd_logits, s, t), self.tau)
+            kd = sum(kd_loss(kd_logits[s], self.teacher_logits(kd_logits, t), self.tau)
                      for s, t in self.teachers.items())
             losses["kd"] = kd
             if w > 0:
                 total = total + w * kd
-        return {"loss": total, "losses": losses, "kd_weight": w,
-                "predictions": fuse(logits), "labels": targets}
+        return {"loss": total, "losses": losses, "kd_weight": w}
 
 
 def fuse(scores: dict[str, torch.Tensor], weights: dict[str, float] | None = None,

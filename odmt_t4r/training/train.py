@@ -79,10 +79,6 @@ class TrainConfig:
     # the coarse fusion grid is scored after the first epoch and every this many; the epochs in between
     # score the plain mean, each branch and the last grid's choice (the final fusion always uses the fine grid)
     fusion_every: int = 5
-    # after this many such epochs the learning rate is multiplied by lr_decay (again at each later plateau
-    # of that length), so a run settles before patience ends it; 0 = a constant learning rate
-    lr_plateau: int = 0
-    lr_decay: float = 0.3
     grad_clip: float = 5.0
     # evaluate, keep and serve an exponential moving average of the weights over about this many epochs
     # of steps (averaging.py); 0 = the last step's weights
@@ -120,8 +116,6 @@ class TrainConfig:
             raise ValueError(f"average_epochs must be >= 0, got {self.average_epochs}")
         if self.average_select and not self.average_epochs:
             raise ValueError("average_select needs average_epochs > 0 (there is no average to choose)")
-        if self.lr_plateau < 0 or not 0 < self.lr_decay <= 1:
-            raise ValueError(f"need lr_plateau >= 0 and 0 < lr_decay <= 1, got {self.lr_plateau}, {self.lr_decay}")
         if not self.lr > 0 or self.weight_decay < 0:
             raise ValueError(f"need lr > 0 and weight_decay >= 0, got lr={self.lr}, weight_decay={self.weight_decay}")
         if not 0 < self.fusion_step <= 0.5:
@@ -408,11 +402,6 @@ def _train(cfg: TrainConfig, data_dir, out: Path, resume: bool, ckpt_path: Path,
         state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
         state["epoch"] = epoch
         state["stopped"] = state["bad_epochs"] >= cfg.patience
-        if cfg.lr_plateau and state["bad_epochs"] == cfg.lr_plateau and not state["stopped"]:
-            for group in optimizer.param_groups:  # the optimizer's state (so the checkpoint) keeps the new rate
-                group["lr"] *= cfg.lr_decay
-            log(f"no valid improvement for {cfg.lr_plateau} epochs: learning rate x{cfg.lr_decay} -> "
-                f"{optimizer.param_groups[0]['lr']:.2e}")
 
         record = {"epoch": epoch + 1, "losses": losses, "kd_weight": kd_w, "valid": metrics,
                   "fusion": choice["name"], "weights": view, "improved": improved, "fusion_grid": full_grid,
