@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from odmt_t4r.contract import ADDED_ITEMS, RESERVED_ROWS, RUN_FORMAT, catalog_item_ids, run_data_dir, run_item_ids
+from odmt_t4r.contract import (ADDED_ITEMS, RESERVED_ROWS, RUN_FORMAT, RunFolder, catalog_item_ids, run_data_dir,
+                               run_item_ids)
 
 RUN_SIDE_FILES = ("fusion.json",)  # the parent's choices that still describe the new version
 
@@ -164,7 +165,7 @@ def _add_items(run: Path, items_csv, out, repo, seed, check_sessions, log, assum
     parent_added = pd.read_parquet(run / ADDED_ITEMS) if (run / ADDED_ITEMS).is_file() else None
     added = pd.concat([parent_added, items.assign(item_idx=np.arange(first, first + len(items)), assumed_count=count)],
                       ignore_index=True)
-    config = json.loads((run / "config.json").read_text())
+    config = RunFolder(run).config()
     with OutputFolder(out, RUN_FORMAT, what="RUN", log=say, refuse_hint=(
             "Choose another --out, or leave --out out: add-items then writes the next free RUN.vN")) as folder:
         stage = folder.stage

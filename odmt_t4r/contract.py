@@ -8,7 +8,7 @@ file format (`odmt add-items --items`), and COLD_TEST, one row per user whose te
 item (COLD_TEST_COLUMNS); manifest.json's `cold` says how they were chosen.
 Item indices: PAD 0, NULL 1, OOV 2, then the catalog from RESERVED_ROWS on.
 
-RUN folder (`odmt train`): config.json with `format` RUN_FORMAT (a model saved on its own carries
+RUN folder (`odmt train`; read through RunFolder): config.json with `format` RUN_FORMAT (a model saved on its own carries
 MODEL_FORMAT) and `data.dir`, the prepared DIR it was trained on; model.pt, item_vectors.pt, checkpoint.pt,
 log.jsonl, fusion.json. A RUN of `odmt train --candidates` is the chosen candidate's RUN (its config.json,
 model.pt, item_vectors.pt, fusion.json, log.jsonl copied) plus CANDIDATES/<preset>/, one RUN per candidate,
@@ -73,12 +73,65 @@ def read_selection(run: str | Path) -> dict | None:
     return saved if isinstance(saved, dict) and saved.get("format") == SELECTION_FORMAT else None
 
 
+RUN_CONFIG = "config.json"  # RUN file: format, the model config, the training settings, the prepared DIR
+RUN_WEIGHTS = ("model.pt", "item_vectors.pt")  # RUN files: the weights and the eval catalog's item vectors
+
+
+class RunFolder:
+    """A RUN (odmt train, add-items, or a model saved on its own): the one reader of its config.json."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def config(self) -> dict:
+        """RUN/config.json; FileNotFoundError without one, ValueError when it is not a RUN's config."""
+        path = self.path / RUN_CONFIG
+        try:
+            payload = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.path} holds no saved model ({RUN_CONFIG}); train one with `odmt train`") from None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path} is not a saved model's config ({type(exc).__name__}: {exc})") from exc
+        if not isinstance(payload, dict):
+            raise ValueError(f"{path} is not a saved model's config (not a JSON object)")
+        return payload
+
+    def config_or_none(self) -> dict | None:
+        """RUN/config.json, or None when it is missing or unreadable (a folder that is not, or not yet, a RUN)."""
+        try:
+            return self.config()
+        except (OSError, ValueError):
+            return None
+
+    def format(self) -> str | None:
+        return (self.config_or_none() or {}).get("format")
+
+    def is_ours(self) -> bool:
+        """config.json names one of odmt's formats (a RUN, a saved model)."""
+        return str(self.format() or "").startswith("odmt-")
+
+    def has_model(self) -> bool:
+        return (self.path / RUN_CONFIG).is_file() and (self.path / RUN_WEIGHTS[0]).is_file()
+
+    def can_resume(self) -> bool:
+        """odmt train left a checkpoint of a finished epoch here."""
+        return (self.path / "checkpoint.pt").is_file()
+
+    def train_settings(self) -> dict:
+        return (self.config_or_none() or {}).get("train", {})
+
+    def recorded_data(self) -> dict:
+        """{"dir", "manifest_sha256", "source"}: the prepared DIR the RUN was trained on ({} if none)."""
+        data = (self.config_or_none() or {}).get("data") or {}
+        return data if isinstance(data, dict) else {}
+
+
 def run_data_dir(run: str | Path, data: str | Path | None = None) -> Path:
     """The prepared DIR of a RUN: `data` if given, else the one recorded in RUN/config.json."""
-    try:
-        recorded = json.loads((Path(run) / "config.json").read_text()).get("data", {}).get("dir")
-    except (OSError, ValueError, AttributeError):
-        recorded = None
+    recorded = RunFolder(run).recorded_data().get("dir")
     chosen = Path(data or recorded or "")
     if not str(chosen) or not (chosen / "manifest.json").is_file():
         raise FileNotFoundError(f"no prepared DIR for {run}: pass --data (recorded: {recorded!r})")

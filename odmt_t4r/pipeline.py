@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Callable
 
 from odmt_t4r.errors import headline
-from odmt_t4r.contract import read_selection
+from odmt_t4r.contract import RunFolder, read_selection
 
 STAGE_FORMAT = "odmt-stage/1"
 METRICS = ("HR@10", "NDCG@10", "HR@20", "NDCG@20")
@@ -325,11 +325,7 @@ def _remove_run(run_dir: Path) -> None:
     files only: a RUN holding anything else is moved aside whole (RUN.backup-<time>), never deleted."""
     if not run_dir.exists():
         return
-    try:
-        fmt = json.loads((run_dir / "config.json").read_text()).get("format")
-    except (OSError, ValueError):
-        fmt = None
-    if not (fmt or "").startswith("odmt-") and read_selection(run_dir) is None and any(run_dir.iterdir()):
+    if not RunFolder(run_dir).is_ours() and read_selection(run_dir) is None and any(run_dir.iterdir()):
         raise ValueError(f"{run_dir} holds files that are not an odmt training run; move them away")
     foreign = _foreign_run_files(run_dir)
     if foreign:
@@ -351,12 +347,9 @@ def _resumable(run_dir: Path, settings: dict, data_sha256: str | None) -> bool:
     selection = read_selection(run_dir)
     if selection is not None:  # a model selection: its candidates resume from their own checkpoints
         return same(selection["train"]) == same(settings) and selection.get("data_sha256") == data_sha256
-    try:
-        saved = json.loads((run_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return ((run_dir / "checkpoint.pt").is_file() and same(saved.get("train", {})) == same(settings)
-            and saved.get("data", {}).get("manifest_sha256") == data_sha256)
+    run = RunFolder(run_dir)
+    return (run.can_resume() and same(run.train_settings()) == same(settings)
+            and run.recorded_data().get("manifest_sha256") == data_sha256)
 
 
 def train_stage(o: RunOptions, work: Path, model: str) -> Stage:

@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from odmt_t4r.contract import read_selection
+from odmt_t4r.contract import RunFolder, read_selection
 
 REPORT_METRICS = ("HR@10", "NDCG@10", "HR@20", "NDCG@20", "longtail/NDCG@10", "coverage@10")
 BRANCH_COLORS = {"id": "#1f77b4", "text": "#ff7f0e", "image": "#2ca02c", "mean": "#7f7f7f", "fused": "#000000"}
@@ -47,10 +47,11 @@ class RunView:
 
     def __init__(self, run_dir: str | Path):
         self.dir = Path(run_dir).resolve()
-        if not (self.dir / "model.pt").is_file() or not (self.dir / "config.json").is_file():
+        run = RunFolder(self.dir)
+        if not run.has_model():
             raise FileNotFoundError(f"{self.dir} holds no finished training run (config.json, model.pt): "
                                     "train one with `odmt train` or `odmt run`")
-        self.config = json.loads((self.dir / "config.json").read_text())
+        self.config = run.config()
         self.name = self.config.get("model", {}).get("name") or self.dir.name
         self.data_dir = Path(self.config.get("data", {}).get("dir", ""))
         if not (self.data_dir / "manifest.json").is_file():

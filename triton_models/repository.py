@@ -27,6 +27,7 @@ import time
 from dataclasses import asdict, fields
 from pathlib import Path
 
+from odmt_t4r.contract import RunFolder
 from odmt_t4r.output_folder import fault_point
 from triton_models.graph import MODEL_NAME, ServingConfig, wire_contract
 
@@ -111,7 +112,7 @@ def write_models(ensemble, stage: Path, cfg: ServingConfig) -> list[str]:
 
 def describe(run: Path, predict, cfg: ServingConfig, check: dict, models: list[str], version: int) -> dict:
     """The manifest's description of what a version serves (file hashes are added by write_manifest)."""
-    run_config = json.loads((run / "config.json").read_text())
+    run_config = RunFolder(run).config()
     return {
         "format": FORMAT,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -34,7 +34,7 @@ from .peer_distillation import FUSION_SCORES, ID_TEACHERS, KD_MODES, PeerDistill
 from .prepared import PreparedInfo, read_prepared
 from .retrieval import FusedRetriever, RetrievalConfig
 
-from odmt_t4r.contract import ITEM_LIST, MODEL_FORMAT  # noqa: E402
+from odmt_t4r.contract import ITEM_LIST, MODEL_FORMAT, RUN_CONFIG, RunFolder  # noqa: E402
 # loss="auto": full softmax up to this many items; above it the in-batch sampled softmax of the official
 # code, because a full softmax must run the item tower over the whole catalog at every step
 AUTO_FULL_SOFTMAX_MAX_ITEMS = 2048
@@ -457,11 +457,10 @@ class OdmtRecommender(nn.Module):
         eval catalog, so the folder can score even without the prepared DIR's features)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        config_path = path / "config.json"
-        existing = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        existing = RunFolder(path).config_or_none() or {}
         payload = {"format": MODEL_FORMAT, **existing, "retrieval": self.retrieval.as_dict(), **(extra or {}),
                    "model": asdict(self.config)}
-        atomic_write(config_path, json.dumps(payload, indent=2, default=str) + "\n")
+        atomic_write(path / RUN_CONFIG, json.dumps(payload, indent=2, default=str) + "\n")
         state = {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}
         atomic_write(path / "model.pt", lambda tmp: torch.save(state, tmp))
         was_training = self.training
@@ -479,13 +478,11 @@ class OdmtRecommender(nn.Module):
         Item features come from `data_dir` (default: the DIR recorded at training time); if they are not
         there, the saved item vectors are used and the model can score but not train."""
         path = Path(path)
+        payload = RunFolder(path).config()
         try:
-            payload = json.loads((path / "config.json").read_text())
             config = OdmtConfig.from_dict(payload["model"])
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path} holds no saved model (config.json); train one with `odmt train`") from None
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-            raise ValueError(f"{path / 'config.json'} is not a saved model's config ({type(exc).__name__}: {exc})") from exc
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{path / RUN_CONFIG} is not a saved model's config ({type(exc).__name__}: {exc})") from exc
         content = [m for m in config.modalities if m != "id"]
         data_dir = data_dir or payload.get("data", {}).get("dir")
         features = Path(data_dir) / "features" if data_dir else None

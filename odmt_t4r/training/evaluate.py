@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from odmt_t4r.contract import COLD_ITEMS, cold_item_ids, last_items, read_cold_test, run_item_ids
+from odmt_t4r.contract import COLD_ITEMS, RunFolder, cold_item_ids, last_items, read_cold_test, run_item_ids
 from odmt_t4r.model import OdmtRecommender, history_and_target
 
 from .data import PreparedData
@@ -127,17 +127,17 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None, split:
     from odmt_t4r.trust import verify_run
 
     run_dir = Path(run_dir)
-    if not (run_dir / "model.pt").is_file():
-        raise FileNotFoundError(f"{run_dir} holds no trained model (model.pt)")
-    payload = json.loads((run_dir / "config.json").read_text())
-    data_dir = data_dir or payload.get("data", {}).get("dir")
+    run = RunFolder(run_dir)
+    if not run.has_model():
+        raise FileNotFoundError(f"{run_dir} holds no trained model (config.json, model.pt)")
+    data_dir = data_dir or run.recorded_data().get("dir")
     if not data_dir or not Path(data_dir).is_dir():
         raise FileNotFoundError(f"prepared DIR {str(data_dir)!r} not found; pass --data DIR")
     if slice_ and split != "test":
         raise ValueError(f"--slice {slice_} is a slice of the test split, not of '{split}'")
     verify_run(run_dir)  # before model.pt is loaded; PreparedData checks the DIR (read_prepared)
     data = PreparedData(data_dir)
-    trained_on = payload.get("data", {}).get("manifest_sha256")
+    trained_on = run.recorded_data().get("manifest_sha256")
     if warn is not None and trained_on and trained_on != data.info.manifest_sha256:
         warn(f"{data.root} is not the prepared data this RUN was trained on (manifest hash differs)")
     threads_before = torch.get_num_threads()

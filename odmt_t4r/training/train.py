@@ -54,7 +54,7 @@ from .progress import progress_bar
 
 MODEL_CHOICES = sorted(model_registry)
 
-from odmt_t4r.contract import RUN_FORMAT  # noqa: E402
+from odmt_t4r.contract import RUN_CONFIG, RUN_FORMAT, RunFolder  # noqa: E402
 SUMMARY = "summary.json"  # a multi-process run's summary, left by rank 0 for the launcher
 RUN_FILES = ("config.json", "model.pt", "item_vectors.pt", "checkpoint.pt", "log.jsonl", "fusion.json", SUMMARY)
 
@@ -198,10 +198,7 @@ def _check_out(out: Path, resume: bool) -> bool:
 def _unfinished_own_run(out: Path) -> bool:
     """A RUN that odmt train started and that was killed before its first epoch's checkpoint: its
     config.json says so and every file in it is one train writes."""
-    try:
-        fmt = json.loads((out / "config.json").read_text()).get("format")
-    except (OSError, ValueError, AttributeError):
-        return False
+    fmt = RunFolder(out).format()
     ours = set(RUN_FILES) | {"metrics-valid.json", "metrics-test.json"}
     return fmt == RUN_FORMAT and all(p.name in ours or (p.name.startswith(".") and ".tmp" in p.name)
                                      for p in out.iterdir())
@@ -232,9 +229,8 @@ def train_run(cfg: TrainConfig, data_dir: str | os.PathLike, out: str | os.PathL
             p.unlink()
     ckpt_path = out / "checkpoint.pt"
     if resume and ckpt_path.is_file():
-        saved = json.loads((out / "config.json").read_text())
         progress = cfg.progress
-        cfg = TrainConfig.from_dict(saved["train"])
+        cfg = TrainConfig.from_dict(RunFolder(out).train_settings())
         cfg.progress = progress
     if epochs is not None:
         cfg.epochs = epochs
@@ -321,7 +317,7 @@ def _train(cfg: TrainConfig, data_dir, out: Path, resume: bool, ckpt_path: Path,
     if ranks.world > 1:  # each rank its own dropout draws
         torch.manual_seed(cfg.seed * 7919 + ranks.rank * 104729 + state["epoch"] + 1)
     if ranks.main:
-        atomic_write(out / "config.json", json.dumps({**run_info, "model": asdict(model.config)}, indent=2,
+        atomic_write(out / RUN_CONFIG, json.dumps({**run_info, "model": asdict(model.config)}, indent=2,
                                                      default=str) + "\n")
 
     n_params = sum(p.numel() for p in model.parameters())
@@ -453,10 +449,8 @@ def _final_fusion(out: Path, data: PreparedData, cfg: TrainConfig, run_info: dic
 
     best = OdmtRecommender.from_pretrained(out, data_dir=data.root)
     choice = select_fusion(best, data, step=cfg.fusion_step, batch_size=cfg.eval_batch_size)
-    config_path = out / "config.json"
-    payload = json.loads(config_path.read_text())
-    payload["model"] = asdict(best.config)
-    atomic_write(config_path, json.dumps(payload, indent=2, default=str) + "\n")
+    payload = {**RunFolder(out).config(), "model": asdict(best.config)}
+    atomic_write(out / RUN_CONFIG, json.dumps(payload, indent=2, default=str) + "\n")
     atomic_write(out / "fusion.json", json.dumps(choice, indent=2) + "\n")
     return choice
 
