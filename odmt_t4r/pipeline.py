@@ -34,12 +34,14 @@ import shutil
 import sys
 import textwrap
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 from odmt_t4r.errors import headline
 from odmt_t4r.contract import RunFolder, read_selection
+from odmt_t4r.flags import add_flags, flag, given
+from odmt_t4r.prepare import PrepareConfig
 
 STAGE_FORMAT = "odmt-stage/1"
 METRICS = ("HR@10", "NDCG@10", "HR@20", "NDCG@20")
@@ -206,33 +208,32 @@ class WorkFolder:
 
 # -- settings ------------------------------------------------------------------------------------------
 
+# the prepare settings `odmt run` offers (the rest keep PrepareConfig's defaults; `odmt prepare` has them all)
+RUN_PREPARE_FIELDS = ("source", "interactions", "items", "timestamp_format", "n_items", "max_length", "fashion_mnist_dir")
+
+
 @dataclass
 class RunOptions:
-    out: str = "work"
-    source: str = "fashion"
-    interactions: str | None = None
-    items: str | None = None
-    timestamp_format: str | None = None
-    n_items: int | None = None
-    max_length: int = 20
-    fashion_mnist_dir: str | None = None
-    model: str = "odmt"
-    baseline: str = "sasrec"
-    epochs: int = 5  # a demonstration budget; benchmarks/quality.py trains to convergence
-    seed: int | None = None
-    config: str | None = None  # JSON of TrainConfig / OdmtConfig fields, for both models
-    sessions: int = 4  # example test sessions sent to the server and shown in the report
-    k: int = 10
-    transform: str = "fast"
+    """`odmt run`: its own settings, and the prepared data's (a PrepareConfig whose `out` is WORK/data)."""
+
+    out: str = field(default="work", metadata=flag("the work folder WORK"))
+    model: str = field(default="odmt", metadata=flag("the model"))
+    baseline: str = field(default="sasrec", metadata=flag("the model it is compared with"))
+    # a demonstration budget; benchmarks/quality.py trains to convergence
+    epochs: int = field(default=5, metadata=flag("epoch budget of both models"))
+    seed: int | None = field(default=None, metadata=flag("training seed", none="TrainConfig's"))
+    config: str | None = field(default=None, metadata=flag(
+        'JSON of TrainConfig / OdmtConfig fields for both models (e.g. {"d_model": 32})'))
+    sessions: int = field(default=4, metadata=flag("held-out test sessions sent to the server and shown in the report"))
+    k: int = field(default=10, metadata=flag("recommendations per session"))
+    transform: str = field(default="fast", metadata=flag("the served request transform (see `odmt export`)",
+                                                         choices=("fast", "workflow")))
     sessions_seed: int = 0
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
 
 
-def prepare_config(o: RunOptions, work: Path):
-    from odmt_t4r.prepare import PrepareConfig
-
-    cfg = PrepareConfig(source=o.source, out=str(work / "data"), interactions=o.interactions, items=o.items,
-                        timestamp_format=o.timestamp_format, n_items=o.n_items, max_length=o.max_length,
-                        fashion_mnist_dir=o.fashion_mnist_dir)
+def prepare_config(o: RunOptions, work: Path) -> PrepareConfig:
+    cfg = replace(o.prepare, out=str(work / "data"))
     cfg.validate()
     return cfg
 
@@ -257,9 +258,9 @@ def check_options(o: RunOptions) -> None:
     for name in ("epochs", "sessions", "k"):
         if getattr(o, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(o, name)}")
-    for flag, name in (("--model", o.model), ("--baseline", o.baseline)):
+    for option, name in (("--model", o.model), ("--baseline", o.baseline)):
         if name not in MODEL_CHOICES:
-            raise ValueError(f"{flag} {name!r} is not a model; choose one of {MODEL_CHOICES}")
+            raise ValueError(f"{option} {name!r} is not a model; choose one of {MODEL_CHOICES}")
     if o.model == o.baseline:
         raise ValueError(f"--model and --baseline are both {o.model!r}; the report compares two models")
 
@@ -556,25 +557,8 @@ def run_pipeline(o: RunOptions) -> dict:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = RunOptions()
-    p.add_argument("--out", default=d.out, help=f"the work folder WORK (default: {d.out})")
-    p.add_argument("--source", choices=["fashion", "ml-100k", "csv", "parquet"], default=d.source)
-    p.add_argument("--interactions", help="csv/parquet: user_id (or session_id), item_id, timestamp")
-    p.add_argument("--items", help="csv/parquet: item_id, optional text, optional image (file path)")
-    p.add_argument("--timestamp-format", default=None, help="csv/parquet: as for `odmt prepare`")
-    p.add_argument("--n-items", type=int, default=None, help="fashion: catalog size")
-    p.add_argument("--max-length", type=int, default=d.max_length)
-    p.add_argument("--fashion-mnist-dir", default=None)
-    p.add_argument("--model", default=d.model, help=f"the model (default: {d.model})")
-    p.add_argument("--baseline", default=d.baseline, help=f"the model it is compared with (default: {d.baseline})")
-    p.add_argument("--epochs", type=int, default=d.epochs, help=f"epoch budget of both models (default: {d.epochs})")
-    p.add_argument("--seed", type=int, default=None, help="training seed (default: TrainConfig's)")
-    p.add_argument("--config", default=None,
-                   help="JSON of TrainConfig / OdmtConfig fields for both models (e.g. {\"d_model\": 32})")
-    p.add_argument("--sessions", type=int, default=d.sessions, help="held-out test sessions sent to the server")
-    p.add_argument("--k", type=int, default=d.k, help="recommendations per session")
-    p.add_argument("--transform", choices=("fast", "workflow"), default=d.transform,
-                   help="the served request transform (see `odmt export`)")
+    add_flags(p, RunOptions, skip=("prepare", "sessions_seed"))
+    add_flags(p.add_argument_group("the prepared data (as for `odmt prepare`)"), PrepareConfig, only=RUN_PREPARE_FIELDS)
 
 
 class Terminated(KeyboardInterrupt):
@@ -588,10 +572,11 @@ def _terminate(signum, frame) -> None:
 def run(args: argparse.Namespace) -> int:
     import signal
 
-    names = {f for f in RunOptions.__dataclass_fields__}
+    options = RunOptions(**given(args, RunOptions, skip=("prepare", "sessions_seed")),
+                         prepare=PrepareConfig(**given(args, PrepareConfig, only=RUN_PREPARE_FIELDS)))
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        run_pipeline(RunOptions(**{k: v for k, v in vars(args).items() if k in names}))
+        run_pipeline(options)
     except Terminated:
         print("odmt run: terminated (SIGTERM); run the same `odmt run` command again to resume where it stopped",
               file=sys.stderr, flush=True)

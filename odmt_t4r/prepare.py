@@ -30,34 +30,50 @@ import os
 import sys
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from odmt_t4r.contract import COLD_DIR, COLD_ITEMS, COLD_TEST, COLD_TEST_COLUMNS, RESERVED_ROWS
 from odmt_t4r.contract import PREPARED_FORMAT as FORMAT, read_split  # noqa: F401 (re-exported)
+from odmt_t4r.data.sources import SOURCES
+from odmt_t4r.flags import add_flags, flag, given
 
 
 @dataclass
 class PrepareConfig:
-    source: str = "fashion"
-    out: str = "data/fashion"
-    interactions: str | None = None  # csv / parquet sources
-    items: str | None = None
-    timestamp_format: str | None = None  # csv / parquet: a strftime format, or epoch-s / epoch-ms; None = detect
-    max_length: int = 20  # history length the model sees (the paper uses 12 on its short histories)
-    min_interactions: int = 3
-    seed: int = 0  # fashion generator
-    n_items: int | None = None  # fashion generator; None = its default
-    fashion_mnist_dir: str | None = None
-    features: bool = True
+    """What `odmt prepare` does; its flags are generated from these fields (odmt_t4r/flags.py)."""
+
+    source: str = field(default="fashion", metadata=flag("where the data comes from", choices=sorted(SOURCES)))
+    out: str = field(default="data/fashion", metadata=flag(
+        "output folder DIR (replaced only when preparation succeeds, and only if odmt wrote it)", required=True))
+    interactions: str | None = field(default=None, metadata=flag(
+        "csv/parquet: user_id (or session_id), item_id, timestamp"))
+    items: str | None = field(default=None, metadata=flag("csv/parquet: item_id, optional text, optional image (file path)"))
+    timestamp_format: str | None = field(default=None, metadata=flag(
+        "csv/parquet: the timestamp column's strftime format (e.g. '%d/%m/%Y %H:%M'), or epoch-s / epoch-ms",
+        none="epoch seconds or milliseconds (by magnitude) or ISO 8601"))
+    max_length: int = field(default=20, metadata=flag("history length the model sees (the paper: 12 on short histories)"))
+    min_interactions: int = field(default=3, metadata=flag("users with fewer interactions are left out"))
+    seed: int = field(default=0, metadata=flag("fashion generator seed"))
+    n_items: int | None = field(default=None, metadata=flag("fashion catalog size", none="the generator's"))
+    fashion_mnist_dir: str | None = field(default=None, metadata=flag(
+        "the Fashion-MNIST files of the fashion source's photos", none="the dataset-fashion-mnist package's"))
+    features: bool = field(default=True, metadata=flag("the frozen text/image features (--no-features: ID only)"))
     max_text_tokens: int = 30
     image_size: int = 128
-    partitions: int = 1  # >1 splits the interactions into Dask partitions (by user ranges first); a cluster: at least one per worker
-    dask_workers: int = 0  # >0 starts a local Dask cluster (dask-cuda's LocalCUDACluster on GPUs) with this many workers
-    dask_scheduler: str | None = None  # the address of a running Dask scheduler (tcp://host:port) to run on instead
-    cold_items: float = 0.0  # share of the interacted catalog held out for cold-start evaluation (latest first interactions)
+    partitions: int = field(default=1, metadata=flag(
+        ">1 splits the interactions into Dask partitions (by user ranges first); a cluster: at least one per worker"))
+    dask_workers: int = field(default=0, metadata=flag(
+        "run the workflows on a local Dask cluster of N worker processes (LocalCUDACluster on GPUs), started on "
+        "127.0.0.1 and closed at the end", metavar="N"))
+    dask_scheduler: str | None = field(default=None, metadata=flag(
+        "run the workflows on the running Dask cluster whose scheduler is at ADDRESS (tcp://host:port)", metavar="ADDRESS"))
+    cold_items: float = field(default=0.0, metadata=flag(
+        "hold out this share of the items with interactions, those whose first interaction comes last, from training "
+        "entirely; DIR/cold/ then holds them and the test rows whose target is one of them (`odmt add-items`, "
+        "`odmt evaluate --slice cold`)", metavar="FRACTION"))
 
     def validate(self) -> None:
         """Refuses, before any work, settings that would fail later or be silently ignored."""
@@ -365,44 +381,13 @@ def summary(m: dict) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = PrepareConfig()
-    p.add_argument("--source", choices=["fashion", "ml-100k", "csv", "parquet"], default=d.source)
-    p.add_argument("--out", required=True, help="output folder DIR (replaced only when preparation succeeds, "
-                                                "and only if odmt wrote it)")
+    add_flags(p, PrepareConfig)
     p.add_argument("--force", action="store_true",
                    help="replace an --out folder odmt did not write: it is moved aside to DIR.backup-<time>, never deleted")
-    p.add_argument("--interactions", help="csv/parquet: user_id (or session_id), item_id, timestamp")
-    p.add_argument("--items", help="csv/parquet: item_id, optional text, optional image (file path)")
-    p.add_argument("--timestamp-format", default=None,
-                   help="csv/parquet: the timestamp column's strftime format (e.g. '%%d/%%m/%%Y %%H:%%M'), or epoch-s / "
-                        "epoch-ms; default: epoch seconds or milliseconds (by magnitude) or ISO 8601")
-    p.add_argument("--max-length", type=int, default=d.max_length)
-    p.add_argument("--seed", type=int, default=d.seed, help="fashion generator seed")
-    p.add_argument("--n-items", type=int, default=None, help="fashion catalog size")
-    p.add_argument("--fashion-mnist-dir", default=None)
-    p.add_argument("--no-features", action="store_true", help="skip the frozen text/image features (ID only)")
-    p.add_argument("--max-text-tokens", type=int, default=d.max_text_tokens)
-    p.add_argument("--image-size", type=int, default=d.image_size)
-    p.add_argument("--partitions", type=int, default=d.partitions)
-    p.add_argument("--dask-workers", type=int, default=d.dask_workers, metavar="N",
-                   help="run the workflows on a local Dask cluster of N worker processes (LocalCUDACluster on GPUs), "
-                        "started on 127.0.0.1 and closed at the end")
-    p.add_argument("--dask-scheduler", default=None, metavar="ADDRESS",
-                   help="run the workflows on the running Dask cluster whose scheduler is at ADDRESS (tcp://host:port)")
-    p.add_argument("--cold-items", type=float, default=d.cold_items, metavar="FRACTION",
-                   help="hold out this share of the items with interactions, those whose first interaction comes "
-                        "last, from training entirely; DIR/cold/ then holds them and the test rows whose target is "
-                        "one of them (`odmt add-items`, `odmt evaluate --slice cold`); default 0: none")
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = PrepareConfig(source=args.source, out=args.out, interactions=args.interactions, items=args.items,
-                        timestamp_format=args.timestamp_format,
-                        max_length=args.max_length, seed=args.seed, n_items=args.n_items,
-                        fashion_mnist_dir=args.fashion_mnist_dir, features=not args.no_features,
-                        max_text_tokens=args.max_text_tokens, image_size=args.image_size,
-                        partitions=args.partitions, dask_workers=args.dask_workers,
-                        dask_scheduler=args.dask_scheduler, cold_items=args.cold_items)
+    cfg = PrepareConfig(**given(args, PrepareConfig))
     manifest = prepare(cfg, force=args.force)  # errors: one `odmt prepare: error:` line from odmt_t4r.cli
     print(summary(manifest))
     print(f"wrote {Path(cfg.out).resolve()}")

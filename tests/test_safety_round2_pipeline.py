@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
+from odmt_t4r.prepare import PrepareConfig
 from odmt_t4r.pipeline import RunOptions, _digest, _remove_run, prepare_stage
 
 
@@ -26,8 +27,8 @@ def test_a_changed_photo_changes_the_prepare_stage_inputs(tmp_path):
                   "image": [f"photos/{i}.png" for i in range(3)]}).to_csv(src / "items.csv", index=False)
     pd.DataFrame({"user_id": ["u"] * 3, "item_id": ["a", "b", "c"], "timestamp": [1, 2, 3]}).to_csv(
         src / "inter.csv", index=False)
-    options = RunOptions(out=str(tmp_path / "work"), source="csv", interactions=str(src / "inter.csv"),
-                         items=str(src / "items.csv"))
+    options = RunOptions(out=str(tmp_path / "work"), prepare=PrepareConfig(
+        source="csv", interactions=str(src / "inter.csv"), items=str(src / "items.csv")))
     before = _digest(prepare_stage(options, tmp_path / "work").inputs)
     assert _digest(prepare_stage(options, tmp_path / "work").inputs) == before  # nothing changed: skipped
     Image.new("L", (8, 8), color=255).save(src / "photos" / "1.png")  # same path, new photo

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from odmt_t4r.flags import flag
 from odmt_t4r.output_folder import atomic_write
 
 from .branch import Branch, SequenceEncoderConfig
@@ -50,7 +51,7 @@ class OdmtConfig:
     max_length: int = 20
     item_column: str = ITEM_LIST
     # item-tower inputs = peer branches; None = every modality the prepared DIR has features for
-    modalities: list[str] | None = None
+    modalities: list[str] | None = field(default=None, metadata=flag("id, text, image", none="all the DIR has"))
     feature_dims: dict[str, int] = field(default_factory=dict)  # derived: {"text": 384, "image": 1280}
     # architecture
     item_tower: str = "independent"  # "independent" | "imt" (the paper's, preset odmt-imt)
