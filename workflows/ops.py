@@ -9,7 +9,7 @@ from merlin.core.dispatch import DataFrameType
 from merlin.dag import ColumnSelector
 from nvtabular import ops
 
-ITEM_LIST = "item_id-list"
+from odmt_t4r.contract import ITEM_LIST
 
 
 class Groupby(ops.Groupby):

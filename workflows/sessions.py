@@ -26,6 +26,7 @@ import nvtabular as nvt
 from merlin.schema import Tags
 from nvtabular import ops
 
+from odmt_t4r.contract import ITEM_LIST, SEEN_LIST, SPLITS, USER_IDX
 from workflows.ops import Groupby, ListSlice, TrainingWindows
 
 # With pandas 2 (the GPU route: cuDF 24.04 needs it), dask turns object columns into pyarrow strings,
@@ -33,8 +34,7 @@ from workflows.ops import Groupby, ListSlice, TrainingWindows
 dask.config.set({"dataframe.convert-string": False})
 
 USER_COL, ITEM_COL, TIME_COL, ROW_COL = "user_id", "item_id", "timestamp", "_row"
-ITEM_LIST, ITEM_COUNT, SEEN_LIST, USER_IDX = "item_id-list", "item_id-count", "seen-list", "user_idx"
-SPLITS = ("train", "valid", "test")
+ITEM_COUNT = "item_id-count"  # the Groupby's count of a user's items (the split rows do not keep it)
 ITEM_TAGS = [Tags.ITEM_ID, Tags.ITEM, Tags.ID, Tags.CATEGORICAL, Tags.LIST]
 
 
