@@ -75,6 +75,16 @@ def read_selection(run: str | Path) -> dict | None:
 
 RUN_CONFIG = "config.json"  # RUN file: format, the model config, the training settings, the prepared DIR
 RUN_WEIGHTS = ("model.pt", "item_vectors.pt")  # RUN files: the weights and the eval catalog's item vectors
+# what training, a model selection and evaluation write into a RUN (patterns; atomic_write's temporary files)
+RUN_WRITES = (RUN_CONFIG, *RUN_WEIGHTS, "checkpoint.pt", "log.jsonl", "fusion.json", "summary.json", SELECTION,
+              "manifest.json", "metrics-*.json", ".*.tmp-*")
+
+
+def is_run_write(name: str) -> bool:
+    """A file name odmt's training, selection or evaluation writes into a RUN."""
+    import fnmatch
+
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in RUN_WRITES)
 
 
 class RunFolder:

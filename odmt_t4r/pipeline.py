@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Callable
 
 from odmt_t4r.errors import headline
-from odmt_t4r.contract import RunFolder, read_selection
+from odmt_t4r.contract import RunFolder, is_run_write, read_selection
 from odmt_t4r.flags import add_flags, flag, given
 from odmt_t4r.prepare import PrepareConfig
 
@@ -302,20 +302,13 @@ def referenced_files(cfg) -> dict[str, str | None]:
     return {c: sha256_of(Path(c) if Path(c).is_absolute() else base / c) for c in sorted(set(cells))}
 
 
-# what training, a model selection and evaluation write into a RUN (and atomic_write's temporary files)
-RUN_WRITES = ("config.json", "model.pt", "item_vectors.pt", "checkpoint.pt", "log.jsonl", "fusion.json",
-              "summary.json", "selection.json", "manifest.json", "metrics-*.json", ".*.tmp-*")
-
-
 def _foreign_run_files(run_dir: Path) -> list[str]:
     """Files in a RUN (and its candidates/<preset>/ RUNs) that no odmt command writes there."""
-    import fnmatch
-
     out = []
     for p in sorted(run_dir.rglob("*")):
         rel = p.relative_to(run_dir)
         inside_candidate = len(rel.parts) == 3 and rel.parts[0] == "candidates"
-        ours = (len(rel.parts) == 1 or inside_candidate) and any(fnmatch.fnmatchcase(p.name, pat) for pat in RUN_WRITES)
+        ours = (len(rel.parts) == 1 or inside_candidate) and is_run_write(p.name)
         if (p.is_file() or p.is_symlink()) and not ours:
             out.append(rel.as_posix())
     return out

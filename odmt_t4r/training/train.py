@@ -54,9 +54,8 @@ from .progress import progress_bar
 
 MODEL_CHOICES = sorted(model_registry)
 
-from odmt_t4r.contract import RUN_CONFIG, RUN_FORMAT, RunFolder  # noqa: E402
+from odmt_t4r.contract import RUN_CONFIG, RUN_FORMAT, RunFolder, is_run_write  # noqa: E402
 SUMMARY = "summary.json"  # a multi-process run's summary, left by rank 0 for the launcher
-RUN_FILES = ("config.json", "model.pt", "item_vectors.pt", "checkpoint.pt", "log.jsonl", "fusion.json", SUMMARY)
 
 
 @dataclass
@@ -199,9 +198,7 @@ def _unfinished_own_run(out: Path) -> bool:
     """A RUN that odmt train started and that was killed before its first epoch's checkpoint: its
     config.json says so and every file in it is one train writes."""
     fmt = RunFolder(out).format()
-    ours = set(RUN_FILES) | {"metrics-valid.json", "metrics-test.json"}
-    return fmt == RUN_FORMAT and all(p.name in ours or (p.name.startswith(".") and ".tmp" in p.name)
-                                     for p in out.iterdir())
+    return fmt == RUN_FORMAT and all(is_run_write(p.name) for p in out.iterdir())
 
 
 def _load_checkpoint(path: Path) -> dict:
