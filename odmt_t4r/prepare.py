@@ -203,6 +203,25 @@ def prepare(cfg: PrepareConfig, force: bool = False) -> dict:
     return manifest
 
 
+def note_empty_image_cells(items: pd.DataFrame, path, notes: dict) -> int:
+    """Counts the catalog items with an empty image cell when others have an image: each gets a zero image
+    feature, as an image that does not decode does. Recorded in `notes` (the manifest's, next to
+    `unreadable_images`) and warned about on stderr in the same words; returns the count."""
+    if "image" not in items.columns:
+        return 0
+    # features/build.py `_present`, without importing torch: a null or blank cell is no image
+    has = items["image"].map(lambda v: not (v is None or (not isinstance(v, str) and pd.isna(v))) and bool(str(v).strip()))
+    if not has.any() or has.all():
+        return 0
+    empty = items.loc[~has, "item_id"].astype(str).tolist()
+    sample = empty[:5]
+    notes["empty_image_cells"] = len(empty)
+    notes["empty_image_cell_sample"] = sample
+    print(f"warning: {path}: {len(empty)} of {len(items)} items have an empty image cell; they get a zero image "
+          f"feature (sample: {sample})", file=sys.stderr)
+    return len(empty)
+
+
 def _prepare(cfg: PrepareConfig, stage: Path) -> dict:
     import nvtabular as nvt
 
@@ -214,6 +233,7 @@ def _prepare(cfg: PrepareConfig, stage: Path) -> dict:
     raw = load_source(cfg.source, interactions=cfg.interactions, items=cfg.items, seed=cfg.seed,
                       n_items=cfg.n_items, fashion_mnist_dir=cfg.fashion_mnist_dir, workdir=str(stage),
                       timestamp_format=cfg.timestamp_format)
+    note_empty_image_cells(raw.items, raw.items_path, raw.notes)
     inter = raw.interactions.copy()
     inter[W.ROW_COL] = range(len(inter))  # input-file order: the tiebreak for equal timestamps
     cold = None

@@ -10,7 +10,8 @@ holding every item). The answer then holds what is left, padded with b"" IDs and
 same in-process (`reference_recommend`, `check_in_process`) and served.
 
 Explanations (the optional `contribution_<branch>` outputs) are checked the same way, against
-`reference_explain`: odmt_t4r/model/explain.py's BranchExplainer on the independent model.
+`reference_explain`: odmt_t4r/model/explain.py's BranchExplainer on the independent model, and the
+`unknown_ids` output against `reference_unknown_ids` (the raw IDs the served catalog does not hold).
 """
 
 from __future__ import annotations
@@ -62,6 +63,18 @@ def reference_encode(workflow, sessions: Sequence[Sequence[str]], item_ids: np.n
             if codes[j] == OOV and raw in added:
                 codes[j] = added[raw]
     return encoded
+
+
+def reference_unknown_ids(workflow, sessions: Sequence[Sequence[str]], item_ids: np.ndarray, whole: bool = True,
+                          column: str = INPUT) -> np.ndarray:
+    """What the served `unknown_ids` must hold, int [B]: per session, its raw IDs that `item_ids` (the served
+    catalog, index -> raw ID) does not hold; of the whole session (`whole`, the fast transform), else of
+    the last L items NVTabular's `Workflow.transform` keeps (OOV there)."""
+    if whole:
+        served = {str(i) for i in np.asarray(item_ids, dtype=object)[3:].tolist() if str(i)}  # "": no item
+        return np.array([sum(str(i) not in served for i in s) for s in sessions], dtype=np.int64)
+    return np.array([int(np.sum(np.asarray(codes) == OOV)) for codes in reference_encode(workflow, sessions, item_ids,
+                                                                                           column)], dtype=np.int64)
 
 
 def reference_recommend(model, workflow, item_ids: np.ndarray, sessions: Sequence[Sequence[str]], k: int,
@@ -144,7 +157,7 @@ def check_in_process(ensemble, predict, workflow, sessions: Sequence[Sequence[st
 
     from triton_models.client import encode_sessions
     from triton_models.graph import graph_chain
-    from triton_models.predict import CONTRIBUTION
+    from triton_models.predict import CONTRIBUTION, UNKNOWN_IDS
     from triton_models.vocab_lookup import VocabularyLookup
 
     column = predict.input_column
@@ -177,6 +190,12 @@ def check_in_process(ensemble, predict, workflow, sessions: Sequence[Sequence[st
         raise ServingCheckError(f"per-branch contributions differ from the in-process model by up to {lift_diff:.3g}")
     encode_checked = 0
     lookups = [n.op for n in graph_chain(ensemble) if isinstance(n.op, VocabularyLookup)]
+    want_unknown = reference_unknown_ids(workflow, sessions, item_ids, whole=bool(lookups), column=column)
+    got_unknown = np.asarray(out[UNKNOWN_IDS].values).reshape(-1)
+    if got_unknown.tolist() != want_unknown.tolist():
+        bad = int(np.flatnonzero(got_unknown != want_unknown)[0])
+        raise ServingCheckError(f"the served graph counts {got_unknown[bad]} unknown IDs in session {bad}, "
+                                f"the served catalog {want_unknown[bad]}: {list(sessions[bad])[:8]}")
     if lookups:
         expected = reference_encode(workflow, sessions, item_ids, column)
         codes, new_offsets = lookups[0].encode(values, offsets)
@@ -186,5 +205,5 @@ def check_in_process(ensemble, predict, workflow, sessions: Sequence[Sequence[st
                 raise ServingCheckError(f"fast transform != Workflow.transform on session {i}: {got} vs {list(want)}")
             encode_checked += 1
     return {"sessions": len(sessions), "max_abs_score_diff": diff, "max_abs_contribution_diff": lift_diff,
-            "encodings_checked": encode_checked,
+            "encodings_checked": encode_checked, "unknown_ids_checked": len(sessions),
             "sequence_encoders": predict.jit_status}

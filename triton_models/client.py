@@ -8,6 +8,8 @@ Wire contract of the served model (default name `executor_model`, as merlin-syst
              scores                 FP32   [B, K]   their scores, descending
              contribution_<branch>  FP32   [B, K]   optional, one per branch in the fused score: computed
                                                     only when requested (`explain`, `odmt recommend --explain`)
+             unknown_ids            INT32  [B, 1]   optional: how many of the session's item IDs the served
+                                                    catalog does not hold (`recommend_with_unknown`)
 
 The exported executor model uses `max_batch_size: 64` with dynamic batching, so tensors carry a leading batch dimension of 1; `--max-batch-size 0` exports merlin's unbatched shapes, which this client handles too. If a
 model declares `max_batch_size > 0`, the client sends the request as one batch entry ([1, N] and
@@ -16,6 +18,11 @@ truncates to it (asking for more than K returns K).
 
 `--explain` asks for the contributions too and names the branch that drove each recommendation: the one
 whose weighted score lifts the item most above an average catalog item (odmt_t4r/model/explain.py).
+
+`odmt recommend` also asks for `unknown_ids` when the served model declares it (repositories exported before
+it existed do not) and says on stderr when the session holds IDs the served catalog does not know: they
+reach the model as one "unknown item" token each, and a session of unknown IDs only gets an answer that
+does not depend on its items.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from odmt_t4r.contract import ITEM_LIST as INPUT  # noqa: E402
 OUTPUTS = ("item_ids", "scores")
 CONTRIBUTION = "contribution_"  # + branch name (triton_models/predict.py)
 POPULARITY = "popularity"  # odmt_t4r.model.explain.POPULARITY, kept here so the client needs no torch
+UNKNOWN_IDS = "unknown_ids"  # triton_models.predict.UNKNOWN_IDS: per session, its IDs not in the served catalog
 
 
 @dataclass
@@ -66,6 +74,21 @@ def decode_topk(ids: np.ndarray, scores: np.ndarray, batch: int, k: int) -> list
     return out
 
 
+def _unknown(arrays: list[np.ndarray], counted: bool, batch: int) -> list[int] | None:
+    """The `unknown_ids` output (asked for last) as one int per session, or None when not asked for."""
+    return [int(n) for n in arrays[-1].reshape(batch, -1)[:, 0]] if counted else None
+
+
+def unknown_note(session_number: int, unknown: int, length: int) -> str | None:
+    """The stderr note for a session holding IDs the served catalog does not know, or None."""
+    if unknown <= 0:
+        return None
+    line = f"odmt recommend: note: session {session_number}: {unknown} of {length} item IDs are not in the served catalog"
+    if unknown >= length:
+        return line + "; none is known, so the answer is not personalised (any session of that many unknown IDs gets it)"
+    return line + " (each reaches the model as an unknown-item token)"
+
+
 class RecommenderClient:
     """Recommendations from a Triton-served session model, over HTTP or gRPC."""
 
@@ -77,7 +100,7 @@ class RecommenderClient:
         self.protocol, self.model_name, self.timeout = protocol, model_name, timeout
         self.input_name, self.outputs = input_name, outputs
         self._max_batch_size: int | None = None
-        self._branches: list[str] | None = None
+        self._output_names: list[str] | None = None
         if protocol == "http":
             import tritonclient.http as tc
 
@@ -115,14 +138,23 @@ class RecommenderClient:
         return tensor
 
     @property
-    def branches(self) -> list[str]:
-        """The branches the served model explains (its `contribution_<branch>` outputs), in model order."""
-        if self._branches is None:
+    def output_names(self) -> list[str]:
+        """The outputs the served model declares (its metadata), in order."""
+        if self._output_names is None:
             extra = {"as_json": True, **self._kw()} if self.protocol == "grpc" else {}
             metadata = self._client.get_model_metadata(self.model_name, **extra)
-            names = [o["name"] for o in metadata.get("outputs", [])]
-            self._branches = [n[len(CONTRIBUTION):] for n in names if n.startswith(CONTRIBUTION)]
-        return self._branches
+            self._output_names = [o["name"] for o in metadata.get("outputs", [])]
+        return self._output_names
+
+    @property
+    def branches(self) -> list[str]:
+        """The branches the served model explains (its `contribution_<branch>` outputs), in model order."""
+        return [n[len(CONTRIBUTION):] for n in self.output_names if n.startswith(CONTRIBUTION)]
+
+    @property
+    def counts_unknown(self) -> bool:
+        """Whether the served model has the `unknown_ids` output (repositories exported before it have not)."""
+        return UNKNOWN_IDS in self.output_names
 
     def _requested(self, names: Sequence[str]):
         if self.protocol == "http":
@@ -148,6 +180,16 @@ class RecommenderClient:
         arrays = self._infer(sessions, k, self.outputs)
         return [] if arrays is None else decode_topk(*arrays, len(sessions), k)
 
+    def recommend_with_unknown(self, sessions: Sequence[Sequence[str]], k: int = 10
+                               ) -> tuple[list[list[tuple[str, float]]], list[int] | None]:
+        """`recommend`'s answers and, per session, how many of its item IDs the served catalog does not hold
+        (None when the served model has no `unknown_ids` output: a repository exported before it)."""
+        counted = self.counts_unknown
+        arrays = self._infer(sessions, k, [*self.outputs, *([UNKNOWN_IDS] if counted else [])])
+        if arrays is None:
+            return [], ([] if counted else None)
+        return decode_topk(arrays[0], arrays[1], len(sessions), k), _unknown(arrays, counted, len(sessions))
+
     def _infer(self, sessions, k, names):
         arrays = self._infer_raw(sessions, k, names)
         if arrays is not None:  # the served K: the outputs are [B, K] whatever k a request asks for
@@ -156,15 +198,25 @@ class RecommenderClient:
 
     def explain(self, sessions: Sequence[Sequence[str]], k: int = 10) -> list[list[Explained]]:
         """`recommend`'s answers with each item's per-branch contributions and the branch that drove it."""
+        return self._explain(sessions, k, False)[0]
+
+    def explain_with_unknown(self, sessions: Sequence[Sequence[str]], k: int = 10
+                             ) -> tuple[list[list[Explained]], list[int] | None]:
+        """`explain`'s answers and the `unknown_ids` counts of `recommend_with_unknown`."""
+        return self._explain(sessions, k, self.counts_unknown)
+
+    def _explain(self, sessions, k: int, counted: bool) -> tuple[list[list[Explained]], list[int] | None]:
         branches = self.branches
         if not branches:
             raise ValueError(f"model {self.model_name!r} has no per-branch outputs ({CONTRIBUTION}<branch>): "
                              "export the RUN again with this version of odmt")
-        arrays = self._infer(sessions, k, [*self.outputs, *(CONTRIBUTION + b for b in branches)])
+        arrays = self._infer(sessions, k, [*self.outputs, *(CONTRIBUTION + b for b in branches),
+                                           *([UNKNOWN_IDS] if counted else [])])
         if arrays is None:
-            return []
+            return [], ([] if counted else None)
         B = len(sessions)
-        lifts = [a.reshape(B, -1) for a in arrays[2:]]
+        unknown = _unknown(arrays, counted, B)
+        lifts = [a.reshape(B, -1) for a in arrays[2:2 + len(branches)]]
         out = []
         for row, (session, recs) in enumerate(zip(sessions, decode_topk(arrays[0], arrays[1], B, k))):
             items = []
@@ -173,7 +225,7 @@ class RecommenderClient:
                 drove = max(parts, key=parts.get) if session else POPULARITY  # max: the first on ties
                 items.append(Explained(item, score, parts, drove))
             out.append(items)
-        return out
+        return out, unknown
 
     def close(self) -> None:
         self._client.close()  # frees the keep-alive connection a server shutdown would wait for
@@ -266,9 +318,14 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"model {args.model!r} on {args.url} serves no per-branch outputs: export the RUN "
                                  "again with this version of odmt to use --explain")
         try:
-            recs = client.explain([items], k=args.k)[0] if args.explain else client.recommend([items], k=args.k)[0]
+            answer = client.explain_with_unknown if args.explain else client.recommend_with_unknown
+            answers, unknown = answer([items], k=args.k)
+            recs = answers[0]
         except Exception as exc:
             raise ValueError(f"inference failed: {exc}") from exc
+    note = unknown_note(1, unknown[0], len(items)) if unknown else None
+    if note:
+        print(note, file=sys.stderr)
     served_k = getattr(client, "served_k", None)
     if served_k is not None and served_k < args.k:
         print(f"odmt recommend: note: the server answers at most {served_k} items per session (the repository was "

@@ -53,6 +53,10 @@ class TritonPythonModel(MerlinExecutorModel):
         self.ragged = [c for c, s in schema.column_schemas.items() if s.is_ragged]
         self.fixed = [c for c, s in schema.column_schemas.items() if not s.is_ragged]
         self.outputs = self.ensemble.output_schema
+        # what config.pbtxt declares: a version added to an older repository (add-items) may compute outputs
+        # (e.g. unknown_ids) its config does not declare; Triton 2.51 drops them, a stricter server may refuse them
+        declared = {o["name"] for o in config.get("output", [])}
+        self.output_names = [n for n in tensor_names(self.outputs) if not declared or n in declared]
         bad = [c for c, s in self.outputs.column_schemas.items() if s.is_ragged]
         if bad:
             raise pb_utils.TritonModelException(f"ragged outputs are not supported by this executor: {bad}")
@@ -129,7 +133,7 @@ class TritonPythonModel(MerlinExecutorModel):
         else:
             table = self.ensemble.transform(self._merge(parts), runtime=self.runtime)
             outputs = table.to_dict()
-        names = [n for n in tensor_names(self.outputs) if n in asked]
+        names = [n for n in self.output_names if n in asked]
         bounds = np.cumsum([0, *rows])
         return [{n: outputs[n][a:b] for n in names if n in w} for a, b, w in zip(bounds[:-1], bounds[1:], wanted)]
 
@@ -155,7 +159,7 @@ class TritonPythonModel(MerlinExecutorModel):
             except RequestError as exc:
                 responses[i] = self._error(str(exc), invalid_request=True)
                 continue
-            asked = set(request.requested_output_names()) or set(tensor_names(self.outputs))  # none named: all
+            asked = set(request.requested_output_names()) or set(self.output_names)  # none named: all
             pending.append((i, columns, n, asked))
         for group in self._groups(pending):
             self._answer(group, responses)

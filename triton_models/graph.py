@@ -3,7 +3,7 @@
     item_id-list (raw IDs)                                          <- request
       fast:     >> VocabularyLookup(the fitted inference workflow's vocabulary and slice)
       workflow: >> TransformWorkflow(DIR/workflows/inference)   (a second Triton model, called via BLS)
-      >> OdmtPredict(RUN, k)                                        -> item_ids, scores [, contribution_<branch>]
+      >> OdmtPredict(RUN, k)                          -> item_ids, scores, unknown_ids [, contribution_<branch>]
 
 `fast` (default) runs the fitted Categorify vocabulary as a dict lookup inside the executor (no pandas,
 no second model); `workflow` runs the saved NVTabular workflow itself. A RUN written by `odmt add-items`
@@ -20,6 +20,10 @@ Wire contract (model `executor_model`; triton_models/client.py speaks it):
                                     item's; the largest names the branch that drove it (odmt_t4r/model/explain.py).
                                     Computed only for runs where a request asks for it; 0 for padding and
                                     empty sessions. A request naming no outputs gets all of them (Triton's rule).
+             unknown_ids            INT32  [1, B, 1] how many of the session's raw IDs the served catalog does not
+                                    hold (fast: the whole session; workflow: the last L items it keeps). Sent only
+                                    to requests that name it or name no outputs; a session of unknown IDs only is
+                                    answered from OOV tokens alone: not personalised.
 The leading 1 is the request's batch entry: the executor declares `max_batch_size: 64` so Triton's
 dynamic batcher can merge concurrent requests, and the executor scores all their sessions in one
 graph run. `--max-batch-size 0` keeps merlin's unbatched shapes ([N], [B+1], [B, K]), no batching.
@@ -138,4 +142,7 @@ def wire_contract(cfg: ServingConfig) -> dict:
                         "scores": f"FP32 [{lead}B, {cfg.k}] descending, -inf where the ID is b''",
                         "contribution_<branch>": f"FP32 [{lead}B, {cfg.k}] optional, computed only when requested: "
                                                  "one per branch in the fused score (id/text/image), its weighted "
-                                                 "lift of the item over an average catalog item; the largest drove it"}}
+                                                 "lift of the item over an average catalog item; the largest drove it",
+                        "unknown_ids": f"INT32 [{lead}B, 1] the session's raw IDs not in the served catalog"
+                                       + (" (counted over the whole session)" if cfg.transform == "fast" else
+                                          " (among the last max_length items the workflow keeps)")}}

@@ -15,6 +15,10 @@ libtorch backend. Per request:
               how far that branch lifts each returned item above an average catalog item, weighted as
               the fusion weighs it (odmt_t4r/model/explain.py); the largest says which branch drove it.
               0 where the ID is b"" and for empty sessions (answered by popularity).
+    unknown_ids  int32       [B, 1]   how many of the session's raw IDs the served catalog does not hold:
+              passed on from the fast lookup (the whole request), else counted here as the OOV indices
+              among the items the workflow kept (its last L). Always computed (a cumsum); a client that
+              does not name it does not receive it.
 
 The contributions are computed only when the executor says a request asked for them (`requested`, set
 per graph run from the requests' requested outputs); otherwise `transform` returns zero-stride
@@ -49,10 +53,11 @@ from merlin.table import TensorTable
 
 ITEM_IDS, SCORES = "item_ids", "scores"
 CONTRIBUTION = "contribution_"  # + branch name: the optional per-branch outputs
+UNKNOWN_IDS = "unknown_ids"  # triton_models.vocab_lookup.UNKNOWN_IDS: unknown raw IDs per session
 ARTIFACT_DIR = "odmt_model"  # under the executor model's ensemble/ folder
 RUN_FILES = ("config.json", "model.pt", "item_vectors.pt")
 SERVED_ITEMS = "served_items.json"  # artifact: the raw IDs this version serves, index order from 3 on
-from odmt_t4r.contract import ITEM_LIST, RESERVED_ROWS, last_items  # noqa: E402  (0 pad, 1 null, 2 OOV)
+from odmt_t4r.contract import ITEM_LIST, OOV, RESERVED_ROWS, last_items  # noqa: E402  (0 pad, 1 null, 2 OOV)
 
 
 class OdmtPredict(BaseOperator):
@@ -178,6 +183,17 @@ class OdmtPredict(BaseOperator):
             scores[empty, : len(order)] = pop
         return ids, scores
 
+    @staticmethod
+    def unknown_ids(transformable: TensorTable, values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """INT32 [B, 1]: the lookup's count of unknown raw IDs per session when it sent one (fast transform),
+        else the OOV indices among the encoded items (the workflow transform keeps each session's last L)."""
+        if UNKNOWN_IDS in transformable.columns:
+            return np.asarray(transformable[UNKNOWN_IDS].values, dtype=np.int32).reshape(-1, 1)
+        seen = np.zeros(np.size(values) + 1, dtype=np.int64)
+        np.cumsum(np.asarray(values).reshape(-1) == OOV, out=seen[1:])
+        offsets = np.asarray(offsets, dtype=np.int64).reshape(-1)
+        return (seen[offsets[1:]] - seen[offsets[:-1]]).astype(np.int32).reshape(-1, 1)
+
     # -- explanations ----------------------------------------------------------------------------
     @property
     def optional_outputs(self) -> tuple[str, ...]:
@@ -217,7 +233,7 @@ class OdmtPredict(BaseOperator):
         else:
             values, offsets = col.values, col.offsets
         ids, scores = self.recommend(values, offsets)
-        out = {ITEM_IDS: ids, SCORES: scores}
+        out = {ITEM_IDS: ids, SCORES: scores, UNKNOWN_IDS: self.unknown_ids(transformable, values, offsets)}
         optional = self.optional_outputs
         if self.requested is None or not self.requested.isdisjoint(optional):
             out.update(self.explain(values, offsets, ids))
@@ -230,7 +246,7 @@ class OdmtPredict(BaseOperator):
         schema = parents_schema + deps_schema
         if self.input_column not in schema.column_names:
             raise ValueError(f"OdmtPredict needs the encoded column {self.input_column!r}, got {schema.column_names}")
-        return schema[[self.input_column]]
+        return schema[[self.input_column, *([UNKNOWN_IDS] if UNKNOWN_IDS in schema.column_names else [])]]
 
     def compute_output_schema(self, input_schema: Schema, col_selector: ColumnSelector,
                               prev_output_schema: Schema | None = None) -> Schema:
@@ -238,6 +254,7 @@ class OdmtPredict(BaseOperator):
             ColumnSchema(ITEM_IDS, dtype="object", tags=[Tags.ITEM_ID], dims=(None, self.k)),
             ColumnSchema(SCORES, dtype=np.float32, dims=(None, self.k)),
             *(ColumnSchema(name, dtype=np.float32, dims=(None, self.k)) for name in self.optional_outputs),
+            ColumnSchema(UNKNOWN_IDS, dtype=np.int32, dims=(None, 1)),
         ])
 
     @property

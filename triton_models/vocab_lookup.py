@@ -31,6 +31,7 @@ from merlin.schema import ColumnSchema, Schema
 from merlin.table import TensorTable
 
 NULL_INDEX, OOV_INDEX = 1, 2  # nvtabular.ops.categorify NULL_OFFSET, OOV_OFFSET
+UNKNOWN_IDS = "unknown_ids"  # INT32 [B, 1]: per session, its raw IDs the served catalog does not hold
 _SLICE_END_OPEN = np.iinfo(np.int64).max  # ListSlice's `end=None`
 
 
@@ -49,8 +50,10 @@ def slice_bounds(lengths: np.ndarray, start: int, end: int) -> tuple[np.ndarray,
 class VocabularyLookup(BaseOperator):
     """Merlin operator: ragged raw IDs -> ragged int64 item indices, sliced like the fitted workflow.
 
-    Runs inside the executor model's graph (no extra Triton model, no pandas). Output column and schema
-    are the workflow's own, so the downstream operator cannot tell the two transforms apart."""
+    Runs inside the executor model's graph (no extra Triton model, no pandas). The encoded column and its
+    schema are the workflow's own, so the downstream operator cannot tell the two transforms apart; next to
+    it goes `unknown_ids` (INT32 [B, 1]), each session's count of IDs the served catalog does not hold,
+    counted over the whole request before the slice (OdmtPredict passes it on as an output)."""
 
     def __init__(self, column: str, vocabulary: Sequence[str], start: int, end: int,
                  output_schema: ColumnSchema | None = None, first_index: int = OOV_INDEX + 1):
@@ -146,6 +149,10 @@ class VocabularyLookup(BaseOperator):
 
     def encode(self, values: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Raw IDs (str or UTF-8 bytes) as values/offsets -> (int64 item indices, int32 offsets)."""
+        return self.sliced(*self.lookup(values, offsets))
+
+    def lookup(self, values: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Raw IDs as values/offsets -> (int64 item indices of every value, the checked int64 offsets): no slice."""
         values = np.asarray(values)
         offsets = np.asarray(offsets, dtype=np.int64).reshape(-1)
         if offsets.size == 0 or offsets[0] != 0 or offsets[-1] != values.shape[0] or np.any(np.diff(offsets) < 0):
@@ -154,6 +161,17 @@ class VocabularyLookup(BaseOperator):
         table = self._lookup_table()
         codes = np.fromiter((table.get(v, OOV_INDEX) for v in values.reshape(-1).tolist()), dtype=np.int64,
                             count=values.size)
+        return codes, offsets
+
+    @staticmethod
+    def unknown_counts(codes: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """Looked-up codes (before the slice) -> INT32 [B, 1]: how many of each session's IDs are unknown (OOV)."""
+        seen = np.zeros(codes.size + 1, dtype=np.int64)
+        np.cumsum(codes == OOV_INDEX, out=seen[1:])
+        return (seen[offsets[1:]] - seen[offsets[:-1]]).astype(np.int32).reshape(-1, 1)
+
+    def sliced(self, codes: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every value's code and the int64 offsets -> the workflow's ListSlice of each session (int32 offsets)."""
         lengths = np.diff(offsets)
         first, new_len = slice_bounds(lengths, self.start, self.end)
         new_offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
@@ -174,16 +192,20 @@ class VocabularyLookup(BaseOperator):
             values = values.reshape(-1)
         else:
             values, offsets = col.values, col.offsets
-        codes, new_offsets = self.encode(values, offsets)
-        return TensorTable({f"{self.column}__values": codes, f"{self.column}__offsets": new_offsets})
+        codes, offsets = self.lookup(values, offsets)
+        unknown = self.unknown_counts(codes, offsets)  # the whole request's IDs, before the slice keeps the last L
+        codes, new_offsets = self.sliced(codes, offsets)
+        return TensorTable({f"{self.column}__values": codes, f"{self.column}__offsets": new_offsets,
+                            UNKNOWN_IDS: unknown})
 
     def compute_output_schema(self, input_schema: Schema, col_selector: ColumnSelector,
                               prev_output_schema: Schema | None = None) -> Schema:
+        unknown = ColumnSchema(UNKNOWN_IDS, dtype=np.int32, dims=(None, 1))
         if self.output_column_schema is not None:
-            return Schema([self.output_column_schema])
+            return Schema([self.output_column_schema, unknown])
         bound = None if self.start >= 0 or self.end != _SLICE_END_OPEN else -self.start
         return Schema([ColumnSchema(self.column, dtype=np.int64, is_list=True, is_ragged=True,
-                                    dims=(None, (0, bound)))])
+                                    dims=(None, (0, bound))), unknown])
 
     @property
     def supported_formats(self) -> DataFormats:

@@ -77,7 +77,8 @@ def build_item_features(
         "reserved_rows": RESERVED_ROWS,
         "config": config.to_dict(),
         "modalities": modalities,
-        "fallbacks": {"image_unreadable": modalities["image"].get("fallbacks", {}).get("unreadable", 0)},
+        "fallbacks": {"image_unreadable": modalities["image"].get("fallbacks", {}).get("unreadable", 0),
+                      "image_empty": _empty_cells(items, jobs.get("image"))},
         "software": _software(),
     }
     write_json_atomic(out_dir / MANIFEST, manifest)
@@ -139,6 +140,11 @@ def _jobs(catalog, n_index, config, text_encoder, image_encoder) -> dict[str, _J
         }
         jobs[modality] = _Job(modality, encoder, idx, values, content_key(header, zip(idx.tolist(), payloads)))
     return jobs
+
+
+def _empty_cells(items: pd.DataFrame, job: _Job | None) -> int:
+    """Catalog rows with an empty image cell while other items have an image: each gets a zero image feature."""
+    return int(len(items) - len(job.idx)) if job is not None and len(job.idx) else 0
 
 
 def _combine(n_index: int, keys: dict[str, str]) -> str:
