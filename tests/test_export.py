@@ -243,7 +243,8 @@ def test_export_writes_a_tuned_self_contained_repository(run_dir, data_dir, tmp_
         ("item_id-list__values", mc.TYPE_STRING, True), ("item_id-list__offsets", mc.TYPE_INT32, True)]
     assert [(o.name, o.data_type, list(o.dims)) for o in executor.output] == [
         ("item_ids", mc.TYPE_STRING, [-1, 7]), ("scores", mc.TYPE_FP32, [-1, 7]),
-        ("contribution_id", mc.TYPE_FP32, [-1, 7])]  # optional: computed only for requests that ask for it
+        ("contribution_id", mc.TYPE_FP32, [-1, 7]),  # optional: computed only for requests that ask for it
+        ("unknown_ids", mc.TYPE_INT32, [-1, 1])]  # per session, its item IDs not in the served catalog
     model_py = (repo / "executor_model" / "1" / "model.py").read_text()
     assert model_py == (ROOT / "triton_models" / "executor_model.py").read_text()
     assert (repo / "executor_model" / "1" / "ensemble" / ARTIFACT_DIR / "model.pt").is_file()
