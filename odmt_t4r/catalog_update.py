@@ -68,11 +68,11 @@ def new_item_features(items: pd.DataFrame, data_dir: Path, layout, work: Path) -
     """Their features with the prepared DIR's settings, looked up in the model's token layout."""
     import torch
 
-    from odmt_t4r.features import FeatureConfig, build_item_features
+    from odmt_t4r.features import FeatureConfig, build_item_features, load_item_features
     from odmt_t4r.model.modality_store import ModalityStore
 
     content = [c for c in items.columns if c != "item_id"]
-    recorded = json.loads((data_dir / "features" / "manifest.json").read_text())["config"]
+    recorded = load_item_features(data_dir / "features").manifest["config"]
     fcfg = FeatureConfig(**{**recorded, "modalities": tuple(content)})
     frame = items.assign(item_idx=np.arange(RESERVED_ROWS, RESERVED_ROWS + len(items), dtype=np.int64))
     build_item_features(frame, RESERVED_ROWS + len(items), work / "features", fcfg)

@@ -276,14 +276,9 @@ def run(args) -> int:
     return 0
 
 
-if __name__ == "__main__":  # python -m odmt_t4r.trust sign RUN
-    import argparse
+if __name__ == "__main__":  # python -m odmt_t4r.trust sign RUN = odmt sign RUN
     import sys
 
-    if sys.argv[1:2] != ["sign"] or len(sys.argv) != 3:
-        sys.exit("usage: python -m odmt_t4r.trust sign RUN")
-    try:
-        sys.exit(run(argparse.Namespace(run=sys.argv[2])))
-    except (ValueError, OSError) as exc:
-        print(f"odmt sign: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    from odmt_t4r.cli import main
+
+    sys.exit(main(sys.argv[1:] if sys.argv[1:2] == ["sign"] else ["sign", *sys.argv[1:]]))

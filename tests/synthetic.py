@@ -117,6 +117,13 @@ def make_synthetic_prepared(out: str | os.PathLike, n_users: int = 64, n_items: 
         "counts": {"users": n_users, "items": n_items, "interactions": int(sum(map(len, seqs))),
                    "rows": {k: len(v) for k, v in splits.items()}},
     }
-    (feats / "manifest.json").write_text(json.dumps({"n_index": n_index}))
+    # the feature folder's manifest as features.build writes it (the part its reader checks)
+    built = {m: {"built": True, "files": {f.name: {"shape": list(np.load(f, mmap_mode="r").shape),
+                                                    "dtype": str(np.load(f, mmap_mode="r").dtype)}
+                                          for f in (feats / f"{m}.npy", feats / f"{m}_mask.npy")}}
+             for m in ("text", "image") if m in modalities}
+    (feats / "manifest.json").write_text(json.dumps({
+        "n_index": n_index, "reserved_rows": RESERVED,
+        "modalities": {m: built.get(m, {"built": False, "reason": "not requested"}) for m in ("text", "image")}}))
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return out

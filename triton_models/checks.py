@@ -24,8 +24,8 @@ import numpy as np
 from odmt_t4r.contract import ITEM_LIST as INPUT, OOV, SEEN_LIST, catalog_item_ids, read_split, run_item_ids
 
 
-class ServingCheckError(RuntimeError):
-    """The served graph does not answer like the in-process model: nothing is written."""
+class ServingCheckError(ValueError):
+    """The served graph does not answer like the in-process model: nothing is written (a user error: exit 2)."""
 
 
 catalog_ids = catalog_item_ids  # index -> raw ID of a prepared DIR (the name the tests and benchmarks use)

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import sys
 import time
 from pathlib import Path
 
-from triton_models.checks import ServingCheckError, check_in_process, edge_sessions, example_sessions
+from odmt_t4r.contract import RunFolder
+from triton_models.checks import check_in_process, edge_sessions, example_sessions
 from triton_models.graph import TRANSFORMS, ServingConfig, build_ensemble, graph_chain
 from triton_models.repository import FORMAT, describe, write_models
 
@@ -50,8 +50,7 @@ def checked_ensemble(run: Path, data_dir, cfg: ServingConfig, check_sessions: in
     verify_run(run)  # before model.pt, item_vectors.pt or the added items are read (the DIR: load_inference_workflow)
     ensemble, predict, workflow = build_ensemble(run, data_dir, cfg)
     data_dir = Path(predict.data_dir)
-    run_config = json.loads((run / "config.json").read_text())
-    trained_on = run_config.get("data", {}).get("manifest_sha256")
+    trained_on = RunFolder(run).recorded_data().get("manifest_sha256")
     if trained_on and trained_on != hashlib.sha256((data_dir / "manifest.json").read_bytes()).hexdigest():
         say(f"warning: {run} was trained on a prepared DIR whose manifest differs from {data_dir}/manifest.json "
             "(re-prepared?); the vocabulary is checked below, the rest is up to you")
@@ -107,11 +106,7 @@ def run(args: argparse.Namespace) -> int:
         manifest = export(args.run, args.out, cfg, data_dir=args.data, check_sessions=args.check_sessions,
                           force=args.force)
     except FastPathUnsupported as exc:
-        print(f"odmt export: error: the fast transform cannot reproduce this workflow ({exc}); "
-              f"use --transform workflow", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError, ServingCheckError) as exc:
-        print(f"odmt export: error: {exc}", file=sys.stderr)
-        return 2
+        raise FastPathUnsupported(f"the fast transform cannot reproduce this workflow ({exc}); "
+                                  "use --transform workflow") from exc
     print(f"exported {manifest['model']} ({manifest['transform']} transform, k={manifest['k']}) to {args.out}")
     return 0

@@ -34,7 +34,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 MODEL_NAME = "executor_model"
 TRANSFORMS = ("fast", "workflow")

@@ -55,9 +55,10 @@ ITEM_IDS, SCORES = "item_ids", "scores"
 CONTRIBUTION = "contribution_"  # + branch name: the optional per-branch outputs
 UNKNOWN_IDS = "unknown_ids"  # triton_models.vocab_lookup.UNKNOWN_IDS: unknown raw IDs per session
 ARTIFACT_DIR = "odmt_model"  # under the executor model's ensemble/ folder
-RUN_FILES = ("config.json", "model.pt", "item_vectors.pt")
 SERVED_ITEMS = "served_items.json"  # artifact: the raw IDs this version serves, index order from 3 on
-from odmt_t4r.contract import ITEM_LIST, OOV, RESERVED_ROWS, last_items  # noqa: E402  (0 pad, 1 null, 2 OOV)
+from odmt_t4r.contract import ITEM_LIST, OOV, RESERVED_ROWS, RUN_CONFIG, RUN_WEIGHTS, RunFolder, last_items  # noqa: E402
+
+SERVED_RUN_FILES = (RUN_CONFIG, *RUN_WEIGHTS)  # what the executor ships of a RUN (item_vectors.pt optional)
 
 
 class OdmtPredict(BaseOperator):
@@ -100,11 +101,11 @@ class OdmtPredict(BaseOperator):
             return
         target = Path(artifact_path) / ARTIFACT_DIR
         target.mkdir(parents=True, exist_ok=True)
-        for name in RUN_FILES:
+        for name in SERVED_RUN_FILES:
             src = Path(self.run_dir) / name
             if src.is_file():
                 shutil.copyfile(src, target / name)
-            elif name != "item_vectors.pt":
+            elif name != RUN_WEIGHTS[1]:
                 raise FileNotFoundError(f"{src} is missing: {self.run_dir} is not a saved model RUN")
         # the served catalog, readable without unpickling: a later `add-items --repo` checks its lineage
         (target / SERVED_ITEMS).write_text(json.dumps([i.decode("utf-8") for i in self.item_ids[RESERVED_ROWS:]]))
@@ -129,7 +130,7 @@ class OdmtPredict(BaseOperator):
 
         data_dir = self.data_dir
         if data_dir is None:
-            data_dir = json.loads((folder / "config.json").read_text()).get("data", {}).get("dir")
+            data_dir = RunFolder(folder).recorded_data().get("dir")
         if data_dir and not Path(data_dir).is_dir():
             data_dir = None  # DIR moved or absent: the saved item vectors score the same
         model = OdmtRecommender.from_pretrained(folder, data_dir=data_dir)
@@ -270,7 +271,7 @@ def explained_branches(run_dir: str | os.PathLike) -> list[str]:
     from odmt_t4r.model import OdmtConfig
     from odmt_t4r.model.explain import fusion_weights
 
-    config = OdmtConfig.from_dict(json.loads((Path(run_dir) / "config.json").read_text())["model"])
+    config = OdmtConfig.from_dict(RunFolder(run_dir).config()["model"])
     return list(fusion_weights(config))
 
 

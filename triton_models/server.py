@@ -46,8 +46,9 @@ ERROR_LINE = re.compile(r"E\d{4} ")
 GPU_NOISE = re.compile(r"(?i)cuda|gpu|nvml|dcgm")
 
 
-class TritonServerError(RuntimeError):
-    """The server could not start, became unready, or exited; the message ends with its log tail."""
+class TritonServerError(OSError):
+    """The server could not start, became unready, or exited; the message ends with its log tail
+    (an environment error, as OSError: the CLI prints it as one line, exit 2)."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -359,16 +360,13 @@ def _interrupt(signum, frame) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from odmt_t4r.output_folder import format_family, read_manifest
-    from odmt_t4r.trust import TrustError, clear_bytecode_caches, verify_folder
+    from odmt_t4r.trust import clear_bytecode_caches, verify_folder
     from triton_models.repository import FORMAT
 
-    try:  # before Triton unpickles ensemble.pkl or imports a model.py from the repository
-        if format_family((read_manifest(Path(args.repo)) or {}).get("format")) == format_family(FORMAT):
-            clear_bytecode_caches(args.repo)  # left by an earlier server; a planted one would bypass the check
-        verify_folder(args.repo, FORMAT, "model repository (from odmt export)", strict=True)
-    except TrustError as exc:
-        print(f"odmt serve: error: {exc}", file=sys.stderr)
-        return 2
+    # before Triton unpickles ensemble.pkl or imports a model.py from the repository
+    if format_family((read_manifest(Path(args.repo)) or {}).get("format")) == format_family(FORMAT):
+        clear_bytecode_caches(args.repo)  # left by an earlier server; a planted one would bypass the check
+    verify_folder(args.repo, FORMAT, "model repository (from odmt export)", strict=True)
     server = TritonServer(args.repo, args.http_port, args.grpc_port, args.host, args.log_file,
                           metrics_port=args.metrics_port, timeout=args.timeout, echo=sys.stderr,
                           log_verbose=args.log_verbose,
@@ -384,13 +382,9 @@ def run(args: argparse.Namespace) -> int:
             if args.watch_seconds > 0 and time.monotonic() >= next_look:
                 watcher.poll(server)
                 next_look = time.monotonic() + args.watch_seconds
-        print(f"error: tritonserver exited with code {server.process.returncode}", file=sys.stderr)
-        return 1
+        raise TritonServerError(f"tritonserver exited with code {server.process.returncode}")
     except KeyboardInterrupt:
         return 0  # asked to stop: a clean exit
-    except (TritonServerError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     finally:
         server.stop()
         for sig, handler in previous.items():

@@ -5,22 +5,28 @@
     feats = load_item_features("prepared/features")  # feats.text [n_index T 384], feats.image [n_index P 1280]
 """
 
-from .build import ImageDecodeWarning, build_item_features, feature_hashes
-from .cache import FeatureCache, default_cache_dir
-from .config import MODALITIES, RESERVED_ROWS, FeatureConfig
-from .encoders import (
-    IMAGE_ENCODERS,
-    TEXT_ENCODERS,
-    ImageEncoder,
-    TextEncoder,
-    make_image_encoder,
-    make_text_encoder,
-    register_image_encoder,
-    register_text_encoder,
-)
-from .image import EfficientNetLiteImageEncoder, load_rgb
-from .store import ItemFeatures, load_item_features
-from .text import MiniLMTextEncoder
+import importlib
+
+# name -> submodule; loaded on first use, so that the light readers (features.store, features.config) do
+# not pull in the encoders (about 2 s of imports) for a model that only reads built features
+_LAZY = {
+    "ImageDecodeWarning": "build", "build_item_features": "build", "feature_hashes": "build",
+    "FeatureCache": "cache", "default_cache_dir": "cache",
+    "MODALITIES": "config", "RESERVED_ROWS": "config", "FeatureConfig": "config",
+    "IMAGE_ENCODERS": "encoders", "TEXT_ENCODERS": "encoders", "ImageEncoder": "encoders", "TextEncoder": "encoders",
+    "make_image_encoder": "encoders", "make_text_encoder": "encoders", "register_image_encoder": "encoders",
+    "register_text_encoder": "encoders",
+    "EfficientNetLiteImageEncoder": "image", "load_rgb": "image",
+    "ItemFeatures": "store", "load_item_features": "store",
+    "MiniLMTextEncoder": "text",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+
 
 __all__ = [
     "FeatureConfig", "build_item_features", "load_item_features", "feature_hashes", "ItemFeatures",

@@ -26,8 +26,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from odmt_t4r.features.store import load_item_features
+
 CONTENT_MODALITIES = ("text", "image")
-_FILES = {"text": ("text.npy", "text_mask.npy"), "image": ("image.npy", "image_mask.npy")}
 
 
 @dataclass(frozen=True)
@@ -121,17 +122,17 @@ class ModalityStore:
     @classmethod
     def load(cls, features_dir: str | os.PathLike, modalities: list[str] | None = None,
              in_memory_limit_bytes: int = 2 << 30, layout: TokenLayout | None = None) -> "ModalityStore":
-        """Open `features_dir`; `modalities` restricts (and requires) the ones to load."""
-        features_dir = Path(features_dir)
+        """Open `features_dir` (through the feature folder's one reader, features.store);
+        `modalities` restricts (and requires) the ones to load."""
+        feats = load_item_features(features_dir)
+        missing = sorted(set(modalities or ()) - set(feats.modalities))
+        if missing:
+            raise FileNotFoundError(f"{features_dir}: modality {missing[0]!r} was not built "
+                                    f"(built: {', '.join(feats.modalities) or 'none'})")
         arrays = {}
-        for m, (values, mask) in _FILES.items():
-            if modalities is not None and m not in modalities:
-                continue
-            if (features_dir / values).is_file() and (features_dir / mask).is_file():
-                arrays[m] = np.load(features_dir / values, mmap_mode="r")
-                arrays[f"{m}_mask"] = np.load(features_dir / mask, mmap_mode="r")
-            elif modalities is not None:
-                raise FileNotFoundError(f"{features_dir}: modality '{m}' needs {values} and {mask}")
+        for m in feats.modalities:
+            if modalities is None or m in modalities:
+                arrays[m], arrays[f"{m}_mask"] = getattr(feats, m), getattr(feats, f"{m}_mask")
         return cls(arrays, in_memory_limit_bytes=in_memory_limit_bytes, layout=layout)
 
     def dim(self, modality: str) -> int:

@@ -27,7 +27,7 @@ import shutil
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from odmt_t4r.contract import CANDIDATES, SELECTION, SELECTION_FORMAT, read_selection
+from odmt_t4r.contract import CANDIDATES, RUN_CONFIG, RUN_WEIGHTS, SELECTION, SELECTION_FORMAT, read_selection
 from odmt_t4r.flags import typed
 from odmt_t4r.model import model_registry
 from odmt_t4r.model.prepared import read_prepared
@@ -39,7 +39,7 @@ from . import distributed
 from .train import MODEL_CHOICES as PRESETS
 from .train import TrainConfig, _log_to_stderr, train_run
 
-CHOSEN_FILES = ("config.json", "model.pt", "item_vectors.pt", "fusion.json", "log.jsonl")
+CHOSEN_FILES = (RUN_CONFIG, *RUN_WEIGHTS, "fusion.json", "log.jsonl")
 
 
 @dataclass
