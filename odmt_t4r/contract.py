@@ -143,7 +143,7 @@ def run_data_dir(run: str | Path, data: str | Path | None = None) -> Path:
     """The prepared DIR of a RUN: `data` if given, else the one recorded in RUN/config.json."""
     recorded = RunFolder(run).recorded_data().get("dir")
     chosen = Path(data or recorded or "")
-    if not str(chosen) or not (chosen / "manifest.json").is_file():
+    if not str(chosen) or not PreparedDir(chosen).is_prepared():
         raise FileNotFoundError(f"no prepared DIR for {run}: pass --data (recorded: {recorded!r})")
     return chosen.resolve()
 
@@ -163,11 +163,74 @@ def last_items(values: np.ndarray, offsets: np.ndarray, width: int | None = None
     return out
 
 
+PREPARED_MANIFEST = "manifest.json"  # DIR file: format, source, counts, modalities, max_length, n_index, hashes
+PREPARED_ITEMS = "items.parquet"  # DIR file: the catalog (item_idx, item_id, content columns, train_count)
+FEATURES_DIR = "features"  # DIR folder: the frozen modality features (features/store.py reads it)
+WORKFLOWS_DIR = "workflows"  # DIR folder: the fitted NVTabular workflows (workflows/, the served transform)
+
+
+class PreparedDir:
+    """A prepared DIR (odmt prepare): the one place that names its files and reads its manifest and catalog.
+    Verification (signature, hashes) is trust.verify_prepared's job; model.prepared.read_prepared does both."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def file(self, name: str) -> Path:
+        return self.root / name
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / PREPARED_MANIFEST
+
+    @property
+    def features(self) -> Path:
+        return self.root / FEATURES_DIR
+
+    def split(self, name: str) -> Path:
+        if name not in SPLITS:
+            raise ValueError(f"unknown split {name!r}: choose from {', '.join(SPLITS)}")
+        return self.root / name
+
+    def workflow(self, name: str) -> Path:
+        return self.root / WORKFLOWS_DIR / name
+
+    def is_prepared(self) -> bool:
+        return self.manifest_path.is_file()
+
+    def manifest(self) -> dict:
+        """manifest.json, checked to be a prepared DIR's; FileNotFoundError / ValueError say what to do."""
+        path = self.manifest_path
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.root} is not a prepared DIR (no {PREPARED_MANIFEST}); run `odmt prepare` first")
+        try:
+            manifest = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path} is not valid JSON ({exc}); prepare DIR again") from exc
+        if not isinstance(manifest, dict) or manifest.get("format") != PREPARED_FORMAT:
+            got = manifest.get("format") if isinstance(manifest, dict) else None
+            raise ValueError(f"{path}: format {got!r}, expected {PREPARED_FORMAT!r}")
+        return manifest
+
+    def manifest_sha256(self) -> str:
+        import hashlib
+
+        return hashlib.sha256(self.manifest_path.read_bytes()).hexdigest()
+
+    def items(self, columns: list[str] | None = None):
+        """The catalog (items.parquet) as a pandas DataFrame, optionally only `columns`."""
+        import pandas as pd
+
+        return pd.read_parquet(self.root / PREPARED_ITEMS, columns=columns)
+
+    def missing(self) -> list[str]:
+        """The catalog and splits a complete DIR holds that this one lacks."""
+        return [name for name in (PREPARED_ITEMS, *SPLITS) if not (self.root / name).exists()]
+
+
 def catalog_item_ids(data_dir: str | Path) -> np.ndarray:
     """index -> raw item ID (str) from a prepared DIR's items.parquet; "" for the reserved and unused rows."""
-    import pandas as pd
-
-    items = pd.read_parquet(Path(data_dir) / "items.parquet", columns=["item_idx", "item_id"])
+    items = PreparedDir(data_dir).items(["item_idx", "item_id"])
     ids = np.full(int(items["item_idx"].max()) + 1 if len(items) else RESERVED_ROWS, "", dtype=object)
     ids[items["item_idx"].to_numpy()] = items["item_id"].astype(str).to_numpy()
     return ids

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Callable
 
 from odmt_t4r.errors import headline
-from odmt_t4r.contract import RunFolder, is_run_write, read_selection
+from odmt_t4r.contract import PreparedDir, RunFolder, is_run_write, read_selection
 from odmt_t4r.flags import add_flags, flag, given
 from odmt_t4r.prepare import PrepareConfig
 
@@ -496,10 +496,8 @@ def print_comparison(work: Path, models: list[str]) -> None:
 
 
 def print_served(work: Path, show_history: int = 4) -> None:
-    import pandas as pd
-
     served = json.loads((work / "served.json").read_text())
-    items = pd.read_parquet(work / "data" / "items.parquet")
+    items = PreparedDir(work / "data").items()
     text = dict(zip(items["item_id"].astype(str), items["text"].fillna(""))) if "text" in items else {}
     print(f"\nserved by Triton (HTTP {served['server']['http']}; gRPC gave the same answers): "
           f"{len(served['sessions'])} held-out test sessions in one request, {served['request_ms']:.1f} ms")
@@ -530,7 +528,7 @@ def run_pipeline(o: RunOptions) -> dict:
     with WorkFolder(o.out) as work:
         records = StageRecords(work)
         records.run(prepare_stage(o, work))
-        print(summary(json.loads((work / "data" / "manifest.json").read_text())), flush=True)
+        print(summary(PreparedDir(work / "data").manifest()), flush=True)
         for model in (o.model, o.baseline):
             records.run(train_stage(o, work, model))
         for model in (o.model, o.baseline):

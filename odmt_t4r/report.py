@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from odmt_t4r.contract import RunFolder, read_selection
+from odmt_t4r.contract import PreparedDir, RunFolder, read_selection
 
 REPORT_METRICS = ("HR@10", "NDCG@10", "HR@20", "NDCG@20", "longtail/NDCG@10", "coverage@10")
 BRANCH_COLORS = {"id": "#1f77b4", "text": "#ff7f0e", "image": "#2ca02c", "mean": "#7f7f7f", "fused": "#000000"}
@@ -54,7 +54,7 @@ class RunView:
         self.config = run.config()
         self.name = self.config.get("model", {}).get("name") or self.dir.name
         self.data_dir = Path(self.config.get("data", {}).get("dir", ""))
-        if not (self.data_dir / "manifest.json").is_file():
+        if not PreparedDir(self.data_dir).is_prepared():
             raise FileNotFoundError(f"the prepared DIR of {self.dir} ({self.data_dir}) is gone; the report needs "
                                     "its item catalog and counts")
         log_path = self.dir / "log.jsonl"
@@ -192,9 +192,7 @@ class Catalog:
     """Item text and PNG thumbnails (base64) by raw item ID, from the prepared DIR's items.parquet."""
 
     def __init__(self, data_dir: Path):
-        import pandas as pd
-
-        items = pd.read_parquet(data_dir / "items.parquet")
+        items = PreparedDir(data_dir).items()
         ids = items["item_id"].astype(str).tolist()
         self.text = dict(zip(ids, items["text"].fillna("").astype(str))) if "text" in items else {}
         self.paths = {}
@@ -226,7 +224,6 @@ class Catalog:
 
 def in_process_examples(run: RunView, n: int, k: int, seed: int = 0) -> dict:
     """The same held-out sessions `odmt run` serves, answered by the model in this process."""
-    import pandas as pd
     import torch
 
     from odmt_t4r.model import OdmtRecommender
@@ -236,7 +233,7 @@ def in_process_examples(run: RunView, n: int, k: int, seed: int = 0) -> dict:
 
     sessions = sample_sessions(run.data_dir, n, seed=seed)
     verify_run(run.dir)  # before its weights are loaded
-    items = pd.read_parquet(run.data_dir / "items.parquet", columns=["item_idx", "item_id"])
+    items = PreparedDir(run.data_dir).items(["item_idx", "item_id"])
     index = dict(zip(items["item_id"].astype(str), items["item_idx"].tolist()))
     raw = {v: k for k, v in index.items()}
     model = OdmtRecommender.from_pretrained(run.dir, data_dir=run.data_dir)
@@ -355,7 +352,7 @@ MODEL_KEYS = ("d_model", "n_heads", "seq_layers", "imt_layers", "max_length", "l
 
 
 def facts_html(run: RunView, baseline: RunView | None, work: Path | None) -> str:
-    manifest = json.loads((run.data_dir / "manifest.json").read_text())
+    manifest = PreparedDir(run.data_dir).manifest()
     c = manifest.get("counts", {})
     rows = c.get("rows", {})
     data = [("source", manifest.get("source")), ("prepared DIR", run.data_dir),
@@ -445,7 +442,7 @@ SCRIPT = """
 def render(run: RunView, baseline: RunView | None, examples: dict, work: Path | None) -> str:
     from odmt_t4r.anchors import RECBOLE_ML100K
 
-    source = json.loads((run.data_dir / "manifest.json").read_text()).get("source")
+    source = PreparedDir(run.data_dir).manifest().get("source")
     anchors = RECBOLE_ML100K if source == "ml-100k" else None
     catalog = Catalog(run.data_dir)
     figures = [("losses", figure_losses(run, baseline), "Each branch's training cross-entropy per epoch."),

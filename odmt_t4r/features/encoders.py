@@ -63,8 +63,12 @@ def make_image_encoder(config: FeatureConfig) -> ImageEncoder:
 
 
 def _make(registry: dict[str, EncoderFactory], name: str, kind: str, config: FeatureConfig):
+    import importlib
+
+    # the built-in encoders register themselves when their modules load (features/text.py, image.py)
+    importlib.import_module(f"{__package__}.{kind}")
     if name not in registry:
-        raise KeyError(f"no {kind} encoder named {name!r}; registered: {sorted(registry)}")
+        raise ValueError(f"no {kind} encoder named {name!r}; choose from {sorted(registry)} or register one")
     return registry[name](config)
 
 

@@ -49,6 +49,17 @@ def array_info(path: Path) -> dict:
     return {"shape": list(arr.shape), "dtype": str(arr.dtype)}
 
 
+def built_modalities(out_dir: str | os.PathLike) -> list[str]:
+    """The modalities a feature folder holds (its manifest says built and both files are there); [] without one."""
+    out_dir = Path(out_dir)
+    try:
+        manifest = json.loads((out_dir / MANIFEST).read_text())
+        built = {m for m, info in manifest["modalities"].items() if info.get("built")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+    return [m for m in FILES if m in built and all((out_dir / name).is_file() for name in FILES[m])]
+
+
 def load_item_features(out_dir: str | os.PathLike, mmap: bool = True) -> ItemFeatures:
     """Load a folder written by `build_item_features`; mmap keeps large catalogs on disk until touched."""
     out_dir = Path(out_dir)

@@ -35,7 +35,8 @@ from .peer_distillation import FUSION_SCORES, ID_TEACHERS, KD_MODES, PeerDistill
 from .prepared import PreparedInfo, read_prepared
 from .retrieval import FusedRetriever, RetrievalConfig
 
-from odmt_t4r.contract import ITEM_LIST, MODEL_FORMAT, RUN_CONFIG, RunFolder  # noqa: E402
+from odmt_t4r.contract import ITEM_LIST, MODEL_FORMAT, PREPARED_ITEMS, RUN_CONFIG, PreparedDir, RunFolder  # noqa: E402
+from odmt_t4r.features.store import built_modalities  # noqa: E402
 # loss="auto": full softmax up to this many items; above it the in-batch sampled softmax of the official
 # code, because a full softmax must run the item tower over the whole catalog at every step
 AUTO_FULL_SOFTMAX_MAX_ITEMS = 2048
@@ -220,10 +221,8 @@ class OdmtRecommender(nn.Module):
         model = cls(config, store)
         if config.id_init == "content":
             model.item_tower.init_id_from_content()
-        items_path = info.root / "items.parquet"
-        if items_path.is_file():
-            import pandas as pd
-            items = pd.read_parquet(items_path, columns=["item_idx", "train_count"])
+        if info.dir.file(PREPARED_ITEMS).is_file():
+            items = info.dir.items(["item_idx", "train_count"])
             counts = np.zeros(info.n_index)
             counts[items["item_idx"].to_numpy()] = items["train_count"].to_numpy()
             model.set_popularity(torch.from_numpy(counts))
@@ -486,9 +485,9 @@ class OdmtRecommender(nn.Module):
             raise ValueError(f"{path / RUN_CONFIG} is not a saved model's config ({type(exc).__name__}: {exc})") from exc
         content = [m for m in config.modalities if m != "id"]
         data_dir = data_dir or payload.get("data", {}).get("dir")
-        features = Path(data_dir) / "features" if data_dir else None
+        features = PreparedDir(data_dir).features if data_dir else None
         store = None
-        if content and features is not None and all((features / f"{m}.npy").is_file() for m in content):
+        if content and features is not None and set(content) <= set(built_modalities(features)):
             store = ModalityStore.load(features, content, layout=config.token_layout())
             if store.n_index != config.n_index:  # items added after training (odmt add-items): saved vectors
                 store = None

@@ -7,13 +7,12 @@ plus its target).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from odmt_t4r.contract import PREPARED_FORMAT as FORMAT
+from odmt_t4r.contract import PreparedDir
+from odmt_t4r.features.store import built_modalities
 
 
 @dataclass
@@ -26,12 +25,16 @@ class PreparedInfo:
     manifest: dict
 
     @property
+    def dir(self) -> PreparedDir:
+        return PreparedDir(self.root)
+
+    @property
     def features_dir(self) -> Path:
-        return self.root / "features"
+        return self.dir.features
 
     @property
     def manifest_sha256(self) -> str:
-        return hashlib.sha256((self.root / "manifest.json").read_bytes()).hexdigest()
+        return self.dir.manifest_sha256()
 
 
 def load_schema(split_dir: str | os.PathLike):
@@ -52,33 +55,22 @@ def item_column(schema) -> str:
 
 def read_prepared(root: str | os.PathLike) -> PreparedInfo:
     root = Path(root).resolve()
-    manifest_path = root / "manifest.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{root} is not a prepared DIR (no manifest.json); run `odmt prepare` first")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{manifest_path} is not valid JSON ({exc}); prepare DIR again") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        got = manifest.get("format") if isinstance(manifest, dict) else None
-        raise ValueError(f"{manifest_path}: format {got!r}, expected {FORMAT!r}")
+    prepared = PreparedDir(root)
+    manifest = prepared.manifest()
     from odmt_t4r.trust import verify_prepared
 
     verify_prepared(root)  # its signature and file hashes, before a split, feature or catalog is read
-    missing = [name for name in ("items.parquet", "train", "valid", "test") if not (root / name).exists()]
+    missing = prepared.missing()
     if missing:
         raise FileNotFoundError(f"{root} is not a complete prepared DIR: it has a manifest but no {missing}; "
                                 "run `odmt prepare` again")
-    schema = load_schema(root / "train")
+    schema = load_schema(prepared.split("train"))
     col = item_column(schema)
     domain = schema[col].int_domain
     n_index = int(manifest["n_index"])
     if domain is not None and domain.max is not None and int(domain.max) + 1 != n_index:
         raise ValueError(f"{root}: schema int_domain max {domain.max} disagrees with manifest n_index {n_index}")
-    feats = root / "features"
-    modalities = ["id"] + [
-        m for m in manifest.get("modalities", ["id"])
-        if m != "id" and (feats / f"{m}.npy").is_file() and (feats / f"{m}_mask.npy").is_file()
-    ]
+    built = built_modalities(prepared.features)
+    modalities = ["id"] + [m for m in manifest.get("modalities", ["id"]) if m != "id" and m in built]
     return PreparedInfo(root=root, item_column=col, n_index=n_index, max_length=int(manifest["max_length"]),
                         modalities=modalities, manifest=manifest)

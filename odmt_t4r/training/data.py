@@ -18,7 +18,7 @@ import torch
 
 from odmt_t4r.model.prepared import PreparedInfo, read_prepared
 
-from odmt_t4r.contract import ITEM_LIST, SEEN_LIST, USER_IDX, last_items, read_split  # noqa: E402
+from odmt_t4r.contract import ITEM_LIST, SEEN_LIST, USER_IDX, PreparedDir, last_items, read_split  # noqa: E402
 
 
 def pad_ragged(values: torch.Tensor, offsets: torch.Tensor, width: int | None = None) -> torch.Tensor:
@@ -46,7 +46,7 @@ class PreparedData:
         import merlin.io
 
         if split not in self._datasets:
-            path = self.root / split
+            path = PreparedDir(self.root).split(split)
             if not path.is_dir():
                 raise FileNotFoundError(f"{self.root} has no '{split}' split")
             self._datasets[split] = merlin.io.Dataset(str(path), engine="parquet")
@@ -82,10 +82,9 @@ class PreparedData:
 def sample_sessions(data_dir: str | os.PathLike, n: int, split: str = "test", seed: int = 0) -> list[dict]:
     """`n` users of a split, drawn with `seed` (the same users for the same seed): {"row", "history" (raw IDs,
     oldest first: the user's items before the split's target), "target" (the held-out next item)}."""
-    import pandas as pd
-
-    frame = read_split(Path(data_dir) / split, [SEEN_LIST, ITEM_LIST])
-    items = pd.read_parquet(Path(data_dir) / "items.parquet", columns=["item_idx", "item_id"])
+    prepared = PreparedDir(data_dir)
+    frame = read_split(prepared.split(split), [SEEN_LIST, ITEM_LIST])
+    items = prepared.items(["item_idx", "item_id"])
     raw = dict(zip(items["item_idx"].tolist(), items["item_id"].astype(str).tolist()))
     rows = np.random.default_rng(seed).choice(len(frame), size=min(n, len(frame)), replace=False)
     return [{"row": int(r), "history": [raw[int(i)] for i in frame[SEEN_LIST].iloc[r]],

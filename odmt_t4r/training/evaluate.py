@@ -34,9 +34,7 @@ from .streaming import streaming_update
 def long_tail_items(data: PreparedData) -> tuple[torch.Tensor, float]:
     """[N] bool: catalog items with at most the catalog's median train count (the long-tail slice's
     targets), and that median. Items without interactions count as 0."""
-    import pandas as pd
-
-    items = pd.read_parquet(data.root / "items.parquet", columns=["item_idx", "train_count"])
+    items = data.info.dir.items(["item_idx", "train_count"])
     median = float(np.median(items["train_count"].to_numpy()))
     tail = torch.zeros(data.info.n_index, dtype=torch.bool)
     idx = torch.from_numpy(items["item_idx"].to_numpy().astype(np.int64))
