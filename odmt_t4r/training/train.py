@@ -262,71 +262,103 @@ def _valid_metrics(results: dict, branches: list[str]) -> tuple[dict, dict]:
 
 def _train(cfg: TrainConfig, data_dir, out: Path, resume: bool, ckpt_path: Path, log,
            ranks: distributed.Ranks, until: int | None = None) -> dict | None:
+    """The loop, top to bottom: set up (or restore), then per epoch train, validate, log, checkpoint."""
     seed_everything(cfg.seed)
     if not ranks.main:
         log = _quiet  # rank 0 speaks and writes for the group
-
-    data = PreparedData(data_dir)
-    model = build_model(cfg.model, data.info, **{k: v for k, v in asdict(cfg.model_config).items()
-                                                  if k not in OdmtConfig.DERIVED})
-    device = cfg.torch_device(ranks.local_rank)
-    model.to(device)
-    optimizer = _optimizer(model, cfg)
-    average = (WeightAverage.over_epochs(model, cfg.average_epochs, data.num_batches("train", cfg.batch_size) // ranks.world)
-               if cfg.average_epochs > 0 else None)
-    step_model = model
-    if ranks.world > 1:  # averages the gradients of the ranks' shards; starts from rank 0's weights
-        from torch.nn.parallel import DistributedDataParallel
-        # the T4R GPT-2 block keeps a token-embedding table that inputs_embeds never uses
-        step_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
-                                             find_unused_parameters=True)
-    amp = torch.autocast(device.type, dtype=torch.float16 if cfg.amp == "fp16" else torch.bfloat16,
-                         enabled=cfg.amp != "off")
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")  # fp16 needs loss scaling
-    if ranks.main:
-        out.mkdir(parents=True, exist_ok=True)
-    run_info = {"format": RUN_FORMAT, "train": cfg.to_dict(),
-                "data": {"dir": str(data.root), "manifest_sha256": data.info.manifest_sha256,
-                         "source": data.info.manifest.get("source")}}
-    branches = model.branch_names
-
-    state = {"epoch": -1, "best_metric": -math.inf, "best_epoch": -1, "best": {}, "bad_epochs": 0,
-             "stopped": False, "incumbent": None}
-    log_path = out / "log.jsonl"
-    if resume and ckpt_path.is_file():
-        ckpt = _load_checkpoint(ckpt_path)
-        if ckpt.get("data_sha256") != run_info["data"]["manifest_sha256"]:
-            raise ValueError(f"{out} was trained on other prepared data (manifest hash differs); cannot resume")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if average is not None:
-            if ckpt.get("average") is None:
-                raise ValueError(f"{out} was trained without weight averaging; resume it without --average-epochs")
-            average.load_state_dict(ckpt["average"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        state = {**state, **ckpt["state"]}
-        if ranks.main:
-            _truncate_log(log_path, state["epoch"] + 1)  # a run killed after logging, before its checkpoint
-        log(f"resuming {out} after epoch {state['epoch'] + 1} (best valid NDCG@10 {state['best_metric']:.4f} "
-            f"at epoch {state['best_epoch'] + 1})")
-    elif ranks.main:
-        log_path.unlink(missing_ok=True)
-    if ranks.world > 1:  # each rank its own dropout draws
-        torch.manual_seed(cfg.seed * 7919 + ranks.rank * 104729 + state["epoch"] + 1)
-    if ranks.main:
-        atomic_write(out / RUN_CONFIG, json.dumps({**run_info, "model": asdict(model.config)}, indent=2,
-                                                     default=str) + "\n")
-
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"{cfg.model}: branches {branches}, {n_params:,} parameters, loss {model.config.loss}, "
-        f"{data.num_rows('train'):,} train rows, L={data.max_length}, {data.info.n_index - 3:,} items"
-        + (f", {ranks.world} processes" if ranks.world > 1 else "") + (f", {device}" if device.type != "cpu" else "")
-        + (f", amp {cfg.amp}" if cfg.amp != "off" else ""))
-
+    run = _Training(cfg, PreparedData(data_dir), out, ckpt_path, log, ranks)
+    run.start(resume)
+    state = run.state
     for epoch in range(state["epoch"] + 1, min(cfg.epochs, until or cfg.epochs)):
         if state["stopped"]:
             break
         t0 = time.perf_counter()
+        losses, kd_w = run.train_epoch(epoch)
+        train_seconds = time.perf_counter() - t0
+        if not ranks.main:  # rank 0 evaluates and decides; the others wait for its verdict and learning rate
+            run.follow(epoch)
+            continue
+        verdict = run.validate(epoch)
+        run.log_epoch(epoch, losses, kd_w, verdict, train_seconds, time.perf_counter() - t0)
+        run.checkpoint()
+        if state["stopped"]:
+            log(f"early stop: the fused valid NDCG@10 has not improved for {cfg.patience} epochs")
+    return run.finish()
+
+
+class _Training:
+    """One training run's parts (model, optimizer, weight average, state) and its steps, for `_train`."""
+
+    def __init__(self, cfg: TrainConfig, data: PreparedData, out: Path, ckpt_path: Path, log,
+                 ranks: distributed.Ranks):
+        self.cfg, self.data, self.out, self.ckpt_path, self.log, self.ranks = cfg, data, out, ckpt_path, log, ranks
+        self.model = model = build_model(cfg.model, data.info, **{k: v for k, v in asdict(cfg.model_config).items()
+                                                                 if k not in OdmtConfig.DERIVED})
+        self.device = device = cfg.torch_device(ranks.local_rank)
+        model.to(device)
+        self.optimizer = _optimizer(model, cfg)
+        self.average = (WeightAverage.over_epochs(model, cfg.average_epochs,
+                                                  data.num_batches("train", cfg.batch_size) // ranks.world)
+                        if cfg.average_epochs > 0 else None)
+        self.step_model = model
+        if ranks.world > 1:  # averages the gradients of the ranks' shards; starts from rank 0's weights
+            from torch.nn.parallel import DistributedDataParallel
+            # the T4R GPT-2 block keeps a token-embedding table that inputs_embeds never uses
+            self.step_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                                      find_unused_parameters=True)
+        self.amp = torch.autocast(device.type, dtype=torch.float16 if cfg.amp == "fp16" else torch.bfloat16,
+                                  enabled=cfg.amp != "off")
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")  # fp16 needs loss scaling
+        self.run_info = {"format": RUN_FORMAT, "train": cfg.to_dict(),
+                         "data": {"dir": str(data.root), "manifest_sha256": data.info.manifest_sha256,
+                                  "source": data.info.manifest.get("source")}}
+        self.branches = model.branch_names
+        self.state = {"epoch": -1, "best_metric": -math.inf, "best_epoch": -1, "best": {}, "bad_epochs": 0,
+                      "stopped": False, "incumbent": None}
+        self.log_path = out / "log.jsonl"
+
+    # -- set up ----------------------------------------------------------------------------------
+    def start(self, resume: bool) -> None:
+        """Restore the last checkpoint (with `resume`) or start afresh; write the RUN's config.json."""
+        cfg, out, ranks = self.cfg, self.out, self.ranks
+        if ranks.main:
+            out.mkdir(parents=True, exist_ok=True)
+        if resume and self.ckpt_path.is_file():
+            self._restore(_load_checkpoint(self.ckpt_path))
+        elif ranks.main:
+            self.log_path.unlink(missing_ok=True)
+        if ranks.world > 1:  # each rank its own dropout draws
+            torch.manual_seed(cfg.seed * 7919 + ranks.rank * 104729 + self.state["epoch"] + 1)
+        if ranks.main:
+            atomic_write(out / RUN_CONFIG, json.dumps({**self.run_info, "model": asdict(self.model.config)},
+                                                      indent=2, default=str) + "\n")
+        data, device = self.data, self.device
+        n_params = sum(p.numel() for p in self.model.parameters())
+        self.log(f"{cfg.model}: branches {self.branches}, {n_params:,} parameters, loss {self.model.config.loss}, "
+                 f"{data.num_rows('train'):,} train rows, L={data.max_length}, {data.info.n_index - 3:,} items"
+                 + (f", {ranks.world} processes" if ranks.world > 1 else "")
+                 + (f", {device}" if device.type != "cpu" else "") + (f", amp {cfg.amp}" if cfg.amp != "off" else ""))
+
+    def _restore(self, ckpt: dict) -> None:
+        if ckpt.get("data_sha256") != self.run_info["data"]["manifest_sha256"]:
+            raise ValueError(f"{self.out} was trained on other prepared data (manifest hash differs); cannot resume")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.average is not None:
+            if ckpt.get("average") is None:
+                raise ValueError(f"{self.out} was trained without weight averaging; resume it without --average-epochs")
+            self.average.load_state_dict(ckpt["average"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        self.state.update(ckpt["state"])
+        if self.ranks.main:
+            _truncate_log(self.log_path, self.state["epoch"] + 1)  # a run killed after logging, before its checkpoint
+        self.log(f"resuming {self.out} after epoch {self.state['epoch'] + 1} (best valid NDCG@10 "
+                 f"{self.state['best_metric']:.4f} at epoch {self.state['best_epoch'] + 1})")
+
+    # -- one epoch -------------------------------------------------------------------------------
+    def train_epoch(self, epoch: int) -> tuple[dict, float]:
+        """One pass over the train split; returns (mean losses, the distillation weight)."""
+        cfg, data, ranks, model, optimizer = self.cfg, self.data, self.ranks, self.model, self.optimizer
         model.train()
         sums: dict[str, float] = {}
         n_batches = 0
@@ -340,44 +372,49 @@ def _train(cfg: TrainConfig, data_dir, out: Path, resume: bool, ckpt_path: Path,
         kd_w = model.task.weight(progress)
         for batch in bar:
             ranks.trace(epoch, batch)
-            with amp:
-                outputs = step_model(batch["items"].to(device), progress=progress)
+            with self.amp:
+                outputs = self.step_model(batch["items"].to(self.device), progress=progress)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(outputs["loss"]).backward()
+            self.scaler.scale(outputs["loss"]).backward()
             if cfg.grad_clip:
-                scaler.unscale_(optimizer)
+                self.scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            if average is not None:
-                average.update(model)
+            self.scaler.step(optimizer)
+            self.scaler.update()
+            if self.average is not None:
+                self.average.update(model)
             n_batches += 1
             sums["loss"] = sums.get("loss", 0.0) + outputs["loss"].item()
             for name, value in outputs["losses"].items():
                 sums[name] = sums.get(name, 0.0) + value.item()
             bar.set_postfix(loss=f"{outputs['loss'].item():.3f}")
-        losses = {k: v / max(1, n_batches) for k, v in sums.items()}
-        train_seconds = time.perf_counter() - t0
-        if not ranks.main:  # rank 0 evaluates and decides; the others wait for its verdict and learning rate
-            state["epoch"], (state["stopped"], lr) = epoch, ranks.share(None)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            continue
+        return {k: v / max(1, n_batches) for k, v in sums.items()}, kd_w
+
+    def follow(self, epoch: int) -> None:
+        """A rank other than 0: take rank 0's verdict and learning rate."""
+        self.state["epoch"], (self.state["stopped"], lr) = epoch, self.ranks.share(None)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def validate(self, epoch: int) -> dict:
+        """Score the valid split (fused, mean, each branch), keep the model when the fused score improved,
+        and decide on early stopping. Returns {"metrics", "choice", "view", "views", "improved", "full_grid"}."""
+        cfg, model, state = self.cfg, self.model, self.state
         views = {}  # the weights scored this epoch: raw, averaged, or both (average_select)
-        if average is None or cfg.average_select:
+        if self.average is None or cfg.average_select:
             views["raw"] = contextlib.nullcontext
-        if average is not None:
-            views["average"] = lambda: average.applied(model)
+        if self.average is not None:
+            views["average"] = lambda: self.average.applied(model)
         # the coarse fusion grid every `fusion_every` epochs; in between the mean, each branch and the last
         # grid's choice (the grid was 19% of a fashion epoch, benchmarks/epoch_profile.py)
         full_grid = state.get("incumbent") is None or (epoch + 1) % cfg.fusion_every == 0
-        candidates = None if full_grid else epoch_candidates(branches, state["incumbent"])
+        candidates = None if full_grid else epoch_candidates(self.branches, state["incumbent"])
         scored = {}
         for view, holding in views.items():
             with holding():
-                results = evaluate_fusions(model, data, "valid", step=cfg.epoch_fusion_step,
+                results = evaluate_fusions(model, self.data, "valid", step=cfg.epoch_fusion_step,
                                            batch_size=cfg.eval_batch_size, candidates=candidates)
-                scored[view] = _valid_metrics(results, branches)
+                scored[view] = _valid_metrics(results, self.branches)
         view = max(scored, key=lambda v: scored[v][0]["NDCG@10"])  # a tie keeps the raw weights
         metrics, choice = scored[view]
         if full_grid:
@@ -387,57 +424,65 @@ def _train(cfg: TrainConfig, data_dir, out: Path, resume: bool, ckpt_path: Path,
             with views[view]():
                 state.update(best_metric=metrics["NDCG@10"], best_epoch=epoch, best=metrics)
                 model.set_fusion(choice["weights"], choice["scores"])
-                model.save_pretrained(out, extra=run_info)
-        seconds = time.perf_counter() - t0
-
+                model.save_pretrained(self.out, extra=self.run_info)
         # early stopping follows the fused score alone: a branch still creeping up kept runs going for
         # 5-10 more epochs without a better fused model (benchmarks/quality.py, docs/benchmarks/training-speed.md)
         state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
         state["epoch"] = epoch
         state["stopped"] = state["bad_epochs"] >= cfg.patience
+        return {"metrics": metrics, "choice": choice, "view": view, "views": len(views), "improved": improved,
+                "full_grid": full_grid}
 
+    def log_epoch(self, epoch: int, losses: dict, kd_w: float, verdict: dict, train_seconds: float,
+                  seconds: float) -> None:
+        """A line of log.jsonl and one on stderr."""
+        metrics, choice, view, improved = verdict["metrics"], verdict["choice"], verdict["view"], verdict["improved"]
         record = {"epoch": epoch + 1, "losses": losses, "kd_weight": kd_w, "valid": metrics,
-                  "fusion": choice["name"], "weights": view, "improved": improved, "fusion_grid": full_grid,
-                  "train_seconds": round(train_seconds, 2), "seconds": round(seconds, 2)}
-        with open(log_path, "a") as f:
+                  "fusion": choice["name"], "weights": view, "improved": improved,
+                  "fusion_grid": verdict["full_grid"], "train_seconds": round(train_seconds, 2),
+                  "seconds": round(seconds, 2)}
+        with open(self.log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        per_branch = " ".join(f"{b} {metrics[f'{b}/NDCG@10']:.4f}" for b in branches)
+        per_branch = " ".join(f"{b} {metrics[f'{b}/NDCG@10']:.4f}" for b in self.branches)
         branch_losses = " ".join(f"{k} {v:.3f}" for k, v in losses.items() if k != "loss")
-        weights = f" {view} weights" if len(views) > 1 else ""
-        log(f"epoch {epoch + 1:>3}/{cfg.epochs} loss {losses['loss']:.3f} [{branch_losses}] kd_w {kd_w:.3f} | "
-            f"valid NDCG@10 {metrics['NDCG@10']:.4f} ({choice['name']}{weights}; mean {metrics['mean/NDCG@10']:.4f}; "
-            f"{per_branch}){' *' if improved else ''} | {seconds:.1f}s")
+        weights = f" {view} weights" if verdict["views"] > 1 else ""
+        self.log(f"epoch {epoch + 1:>3}/{self.cfg.epochs} loss {losses['loss']:.3f} [{branch_losses}] kd_w {kd_w:.3f} | "
+                 f"valid NDCG@10 {metrics['NDCG@10']:.4f} ({choice['name']}{weights}; mean "
+                 f"{metrics['mean/NDCG@10']:.4f}; {per_branch}){' *' if improved else ''} | {seconds:.1f}s")
 
+    def checkpoint(self) -> None:
+        """The finished epoch's checkpoint (atomic), then the verdict shared with the other ranks."""
         fault_point("train-before-checkpoint")
-        checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
-                      "average": average.state_dict() if average is not None else None,
-                      "torch_rng": torch.get_rng_state(), "data_sha256": run_info["data"]["manifest_sha256"]}
-        atomic_write(ckpt_path, lambda tmp: torch.save(checkpoint, tmp))
+        checkpoint = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "state": self.state,
+                      "average": self.average.state_dict() if self.average is not None else None,
+                      "torch_rng": torch.get_rng_state(), "data_sha256": self.run_info["data"]["manifest_sha256"]}
+        atomic_write(self.ckpt_path, lambda tmp: torch.save(checkpoint, tmp))
         fault_point("train-after-checkpoint")
-        ranks.share((state["stopped"], optimizer.param_groups[0]["lr"]))
-        if state["stopped"]:
-            log(f"early stop: the fused valid NDCG@10 has not improved for {cfg.patience} epochs")
+        self.ranks.share((self.state["stopped"], self.optimizer.param_groups[0]["lr"]))
 
-    if not ranks.main:
-        ranks.barrier()
-        return None
-    paused = not state["stopped"] and state["epoch"] + 1 < cfg.epochs  # by `until`: resumed later, or never
-    fusion = None if paused else _final_fusion(out, data, cfg, run_info)
-    if not paused:
-        write_run_manifest(out)  # last: the finished RUN's file hashes, signed when ODMT_SIGNING_KEY is set
-    if paused:
-        log(f"paused after epoch {state['epoch'] + 1}: best valid NDCG@10 {state['best_metric']:.4f} at epoch "
-            f"{state['best_epoch'] + 1}; {out} resumes with --resume")
-    else:
-        log(f"best valid NDCG@10 {state['best_metric']:.4f} at epoch {state['best_epoch'] + 1}; fusion "
-            f"{fusion['name']} (valid NDCG@10 {fusion['valid_NDCG@10']:.4f}, plain mean "
-            f"{fusion['valid_mean_NDCG@10']:.4f}); model in {out}")
-    summary = {"best_epoch": state["best_epoch"] + 1, "best": state["best"], "epochs_run": state["epoch"] + 1,
-               "stopped": state["stopped"], "paused": paused, "fusion": fusion}
-    if ranks.world > 1:
-        atomic_write(out / SUMMARY, json.dumps(summary, default=str) + "\n")
-        ranks.barrier()
-    return summary
+    # -- the end ---------------------------------------------------------------------------------
+    def finish(self) -> dict | None:
+        """The final fusion and the RUN's manifest (unless paused by `until`); the summary (rank 0)."""
+        cfg, out, state, ranks, log = self.cfg, self.out, self.state, self.ranks, self.log
+        if not ranks.main:
+            ranks.barrier()
+            return None
+        paused = not state["stopped"] and state["epoch"] + 1 < cfg.epochs  # by `until`: resumed later, or never
+        fusion = None if paused else _final_fusion(out, self.data, cfg, self.run_info)
+        if paused:
+            log(f"paused after epoch {state['epoch'] + 1}: best valid NDCG@10 {state['best_metric']:.4f} at epoch "
+                f"{state['best_epoch'] + 1}; {out} resumes with --resume")
+        else:
+            write_run_manifest(out)  # last: the finished RUN's file hashes, signed when ODMT_SIGNING_KEY is set
+            log(f"best valid NDCG@10 {state['best_metric']:.4f} at epoch {state['best_epoch'] + 1}; fusion "
+                f"{fusion['name']} (valid NDCG@10 {fusion['valid_NDCG@10']:.4f}, plain mean "
+                f"{fusion['valid_mean_NDCG@10']:.4f}); model in {out}")
+        summary = {"best_epoch": state["best_epoch"] + 1, "best": state["best"], "epochs_run": state["epoch"] + 1,
+                   "stopped": state["stopped"], "paused": paused, "fusion": fusion}
+        if ranks.world > 1:
+            atomic_write(out / SUMMARY, json.dumps(summary, default=str) + "\n")
+            ranks.barrier()
+        return summary
 
 
 def _final_fusion(out: Path, data: PreparedData, cfg: TrainConfig, run_info: dict) -> dict:
