@@ -64,6 +64,8 @@ VARIANTS = {
     # early-stopping patience 8 (default 5), for odmt and for the baseline alike
     "odmt-p8": dict(patience=8),
     "sasrec-p8": dict(preset="sasrec", patience=8),
+    # early stopping waits while the fused score or any branch improves (TrainConfig.stop_on "any")
+    "odmt-stop-any": dict(stop_on="any"),
 }
 # Model selections (`odmt train --candidates`): name -> candidate entries that differ only in their preset.
 # Composed from the candidates' runs by the rule train uses (selection.choose on the final fused valid

@@ -215,6 +215,24 @@ def test_early_stopping_follows_the_fused_score_and_the_grid_runs_every_fusion_e
 
 
 # ---------------------------------------------------------------- long tail and coverage
+
+def test_early_stopping_on_any_branch_goes_on_while_a_branch_still_improves(data_dir, tmp_path):
+    cfg = train.TrainConfig.from_dict(dict(FAST, epochs=12, patience=2, lr=3e-3, stop_on="any"))
+    summary = train.train_run(cfg, data_dir, tmp_path / "run", log=lambda *_: None)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    bad, best = 0, {}
+    for i, r in enumerate(log):
+        scores = {b: r["valid"][f"{b}/NDCG@10"] for b in ("id", "text")}
+        # a branch counts as improved when it beats its own best so far
+        assert sorted(r["branches_improved"]) == sorted(b for b, v in scores.items() if v > best.get(b, -1))
+        best.update({b: max(v, best.get(b, -1)) for b, v in scores.items()})
+        bad = 0 if r["improved"] or r["branches_improved"] else bad + 1
+        if i + 1 < len(log):
+            assert bad < 2
+    assert summary["stopped"] == (bad >= 2)
+    with pytest.raises(ValueError, match="stop_on='branch'"):
+        train.TrainConfig.from_dict({"stop_on": "branch"}).validate()
+
 def test_long_tail_slice_and_coverage_by_hand():
     acc = RankingAccumulator(ks=(2,), n_index=8, coverage_k=2)
     scores = torch.tensor([[0, 0, 0, 5.0, 4.0, 3.0, 2.0, 1.0],

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from odmt_t4r.flags import typed
+from odmt_t4r.flags import flag, typed
 from odmt_t4r.model import OdmtConfig, build_model, model_registry
 from odmt_t4r.output_folder import atomic_write, fault_point
 from odmt_t4r.trust import write_run_manifest
@@ -53,6 +53,7 @@ from .fusion import choose_fusion, epoch_candidates, evaluate_fusions, select_fu
 from .progress import progress_bar
 
 MODEL_CHOICES = sorted(model_registry)
+STOP_ON = ("fused", "any")  # TrainConfig.stop_on: what counts as progress for early stopping
 
 from odmt_t4r.contract import RUN_CONFIG, RUN_FORMAT, RunFolder, is_run_write  # noqa: E402
 SUMMARY = "summary.json"  # a multi-process run's summary, left by rank 0 for the launcher
@@ -74,7 +75,11 @@ class TrainConfig:
     eval_batch_size: int = 512
     # a ceiling, not the schedule: early stopping ends runs (the KD ramp is a fraction of this budget)
     epochs: int = 100
-    patience: int = 5  # epochs without a better fused valid NDCG@10 before the run stops
+    patience: int = 5  # epochs without a better valid score (see stop_on) before the run stops
+    # what counts as progress for early stopping: "fused" = the fused valid NDCG@10 alone; "any" = the fused
+    # score or any branch's (a branch still improving keeps the run going)
+    stop_on: str = field(default="fused", metadata=flag("what counts as progress for early stopping: the fused "
+                                                        "valid NDCG@10 alone, or it or any branch's", choices=STOP_ON))
     # the coarse fusion grid is scored after the first epoch and every this many; the epochs in between
     # score the plain mean, each branch and the last grid's choice (the final fusion always uses the fine grid)
     fusion_every: int = 5
@@ -117,6 +122,8 @@ class TrainConfig:
             raise ValueError("average_select needs average_epochs > 0 (there is no average to choose)")
         if not self.lr > 0 or self.weight_decay < 0:
             raise ValueError(f"need lr > 0 and weight_decay >= 0, got lr={self.lr}, weight_decay={self.weight_decay}")
+        if self.stop_on not in STOP_ON:
+            raise ValueError(f"stop_on={self.stop_on!r}; choose one of {STOP_ON}")
         if not 0 < self.fusion_step <= 0.5:
             raise ValueError(f"fusion_step must be in (0, 0.5], got {self.fusion_step}")
         if self.device not in ("auto", "cpu", "cuda") or self.amp not in ("off", "bf16", "fp16"):
@@ -282,7 +289,8 @@ def _train(cfg: TrainConfig, data_dir, out: Path, resume: bool, ckpt_path: Path,
         run.log_epoch(epoch, losses, kd_w, verdict, train_seconds, time.perf_counter() - t0)
         run.checkpoint()
         if state["stopped"]:
-            log(f"early stop: the fused valid NDCG@10 has not improved for {cfg.patience} epochs")
+            log(f"early stop: the fused valid NDCG@10{' and every branch' if cfg.stop_on == 'any' else ''} "
+                f"did not improve for {cfg.patience} epochs")
     return run.finish()
 
 
@@ -314,7 +322,7 @@ class _Training:
                                   "source": data.info.manifest.get("source")}}
         self.branches = model.branch_names
         self.state = {"epoch": -1, "best_metric": -math.inf, "best_epoch": -1, "best": {}, "bad_epochs": 0,
-                      "stopped": False, "incumbent": None}
+                      "stopped": False, "incumbent": None, "branch_best": {}}
         self.log_path = out / "log.jsonl"
 
     # -- set up ----------------------------------------------------------------------------------
@@ -425,13 +433,25 @@ class _Training:
                 state.update(best_metric=metrics["NDCG@10"], best_epoch=epoch, best=metrics)
                 model.set_fusion(choice["weights"], choice["scores"])
                 model.save_pretrained(self.out, extra=self.run_info)
-        # early stopping follows the fused score alone: a branch still creeping up kept runs going for
-        # 5-10 more epochs without a better fused model (benchmarks/quality.py, docs/benchmarks/training-speed.md)
-        state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
+        branches_improved = self._branches_improved(scored) if cfg.stop_on == "any" else []
+        state["bad_epochs"] = 0 if improved or branches_improved else state["bad_epochs"] + 1
         state["epoch"] = epoch
         state["stopped"] = state["bad_epochs"] >= cfg.patience
         return {"metrics": metrics, "choice": choice, "view": view, "views": len(views), "improved": improved,
-                "full_grid": full_grid}
+                "full_grid": full_grid, "branches_improved": branches_improved}
+
+    def _branches_improved(self, scored: dict) -> list[str]:
+        """stop_on "any": each view's branches (and its fused score when both views are scored) that beat
+        their own best so far; the run goes on while either view would have gone on alone."""
+        tracked, best = {}, self.state["branch_best"]
+        for v, (m, _) in scored.items():
+            prefix = "" if len(scored) == 1 else f"{v}:"
+            tracked.update({prefix + b: m[f"{b}/NDCG@10"] for b in self.branches})
+            if prefix:
+                tracked[prefix + "fused"] = m["NDCG@10"]
+        improved = [k for k, score in tracked.items() if score > best.get(k, -math.inf)]
+        best.update({k: tracked[k] for k in improved})
+        return improved
 
     def log_epoch(self, epoch: int, losses: dict, kd_w: float, verdict: dict, train_seconds: float,
                   seconds: float) -> None:
@@ -439,7 +459,8 @@ class _Training:
         metrics, choice, view, improved = verdict["metrics"], verdict["choice"], verdict["view"], verdict["improved"]
         record = {"epoch": epoch + 1, "losses": losses, "kd_weight": kd_w, "valid": metrics,
                   "fusion": choice["name"], "weights": view, "improved": improved,
-                  "fusion_grid": verdict["full_grid"], "train_seconds": round(train_seconds, 2),
+                  "fusion_grid": verdict["full_grid"], "branches_improved": verdict["branches_improved"],
+                  "train_seconds": round(train_seconds, 2),
                   "seconds": round(seconds, 2)}
         with open(self.log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
