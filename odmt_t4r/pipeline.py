@@ -241,10 +241,12 @@ def prepare_config(o: RunOptions, work: Path) -> PrepareConfig:
 def train_settings(o: RunOptions, model: str) -> dict:
     """The training settings of one model: the --config file, then --epochs / --seed, then the model (a
     preset or a named selection), as the RUN records them (selection.recorded_settings)."""
-    from odmt_t4r.training.command import settings_from_args
+    from odmt_t4r.training.command import read_config_file
     from odmt_t4r.training.selection import recorded_settings, resolve
 
-    settings = settings_from_args(argparse.Namespace(config=o.config, model=None, seed=o.seed, no_progress=False))
+    settings = read_config_file(o.config)
+    if o.seed is not None:
+        settings["seed"] = o.seed
     if settings.get("candidates"):  # a selection is a RUN of its own (selection.py); the report compares two models
         raise ValueError("--config sets candidates; odmt run trains --model and --baseline, choose them there "
                          "(odmt train --candidates trains a model selection)")

@@ -39,19 +39,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_flags(p.add_argument_group("model selection (default: SelectionConfig)"), SelectionConfig, ("name",))
 
 
+def read_config_file(path: str | None) -> dict:
+    """The TrainConfig / OdmtConfig fields of a --config JSON file ({} without one)."""
+    if not path:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path} does not exist")
+    try:
+        settings = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--config {path} is not valid JSON ({exc})") from exc
+    if not isinstance(settings, dict):
+        raise ValueError(f"--config {path} must hold a JSON object of TrainConfig fields")
+    return settings
+
+
 def settings_from_args(args: argparse.Namespace) -> dict:
     """The --config file, then every flag given on the command line."""
-    settings = {}
-    if getattr(args, "config", None):
-        path = Path(args.config)
-        if not path.is_file():
-            raise FileNotFoundError(f"--config {path} does not exist")
-        try:
-            settings = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"--config {path} is not valid JSON ({exc})") from exc
-        if not isinstance(settings, dict):
-            raise ValueError(f"--config {path} must hold a JSON object of TrainConfig fields")
+    settings = read_config_file(getattr(args, "config", None))
     for key in ("model", "seed"):
         if getattr(args, key, None) is not None:
             settings[key] = getattr(args, key)
