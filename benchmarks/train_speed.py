@@ -38,6 +38,15 @@ def _prepared(source: str, work: Path) -> Path:
     return out
 
 
+def cpu_bf16_units() -> list[str]:
+    """The CPU's bfloat16 instruction sets (AMX, AVX-512 BF16), from /proc/cpuinfo; [] elsewhere."""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return []
+    return sorted(f for f in flags if f in ("amx_bf16", "avx512_bf16"))
+
+
 def step_rates(data_dir: Path, losses: list[str], steps: int, repeats: int, batch: int, threads: int) -> dict:
     import torch
     from odmt_t4r.model import build_model
@@ -57,17 +66,21 @@ def step_rates(data_dir: Path, losses: list[str], steps: int, repeats: int, batc
     for loss in losses:
         variants[f"odmt[{loss}]"] = ("odmt", {"loss": loss})
         variants[f"sasrec[{loss}]"] = ("sasrec", {"loss": loss})
+    # bf16 autocast (TrainConfig.amp "bf16"): measured, not assumed, whatever the CPU has
+    variants["odmt[bf16]"], variants["sasrec[bf16]"] = ("odmt", {}), ("sasrec", {})
     models = {}
     for name, (preset, kw) in variants.items():
         model = build_model(preset, data.info, **kw)
-        models[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+        amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=name.endswith("[bf16]"))
+        models[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-3), amp)
     times = {n: [] for n in models}
     for _ in range(repeats):
-        for name, (model, opt) in models.items():  # interleaved: each repeat measures every variant
+        for name, (model, opt, amp) in models.items():  # interleaved: each repeat measures every variant
             model.train()
             t = time.perf_counter()
             for items in batches:
-                loss = model(items, progress=0.5)["loss"]
+                with amp:
+                    loss = model(items, progress=0.5)["loss"]
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -79,6 +92,8 @@ def step_rates(data_dir: Path, losses: list[str], steps: int, repeats: int, batc
            "max_length": data.max_length, "n_items": data.info.n_index - 3, "unique_items_per_batch": unique}
     out["odmt_step_cost_over_sasrec"] = round(rates["sasrec"] / rates["odmt"], 2)
     out["odmt-imt_step_cost_over_odmt"] = round(rates["odmt"] / rates["odmt-imt"], 2)
+    out["cpu_bf16_units"] = cpu_bf16_units()
+    out["bf16_speedup"] = {m: round(rates[f"{m}[bf16]"] / rates[m], 2) for m in ("odmt", "sasrec")}
     for loss in losses:
         out[f"odmt_step_cost_over_sasrec[{loss}]"] = round(rates[f"sasrec[{loss}]"] / rates[f"odmt[{loss}]"], 2)
     return out
