@@ -64,8 +64,8 @@ VARIANTS = {
     # early-stopping patience 8 (default 5), for odmt and for the baseline alike
     "odmt-p8": dict(patience=8),
     "sasrec-p8": dict(preset="sasrec", patience=8),
-    # early stopping waits while the fused score or any branch improves (TrainConfig.stop_on "any")
-    "odmt-stop-any": dict(stop_on="any"),
+    # early stopping on the fused score alone (TrainConfig.stop_on; the default "any" also waits for a branch)
+    "odmt-stop-fused": dict(stop_on="fused"),
 }
 # Model selections (`odmt train --candidates`): name -> candidate entries that differ only in their preset.
 # Composed from the candidates' runs by the rule train uses (selection.choose on the final fused valid
@@ -122,7 +122,7 @@ EXECUTION_ONLY = ("progress", "threads", "epochs", "nproc", "amp", "device", "ca
 SELECTION_SETTINGS = {"candidate_jobs": 1}  # a named selection's candidates one after another, one thread
 # settings added after runs were benchmarked, or removed since: at these values they train what those runs trained
 NEUTRAL = {"average_epochs": 0.0, "average_select": False, "item_to_item": 0.0, "candidates": None, "lr_plateau": 0,
-           "lr_decay": 0.3, "selection_rung": 5}
+           "lr_decay": 0.3, "selection_rung": 5, "stop_on": "fused"}
 
 
 def train_settings(model: str, seed: int, epochs: int | None, patience: int | None) -> dict:

@@ -196,7 +196,7 @@ def test_the_popularity_prior_is_a_learned_per_branch_weight_on_log_counts(data_
 
 # ---------------------------------------------------------------- early stopping
 def test_early_stopping_follows_the_fused_score_and_the_grid_runs_every_fusion_every_epochs(data_dir, tmp_path):
-    cfg = train.TrainConfig.from_dict(dict(FAST, epochs=12, patience=2, lr=3e-3, fusion_every=3))
+    cfg = train.TrainConfig.from_dict(dict(FAST, epochs=12, patience=2, lr=3e-3, fusion_every=3, stop_on="fused"))
     summary = train.train_run(cfg, data_dir, tmp_path / "run", log=lambda *_: None)
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     bad = 0

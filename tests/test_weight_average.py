@@ -94,7 +94,7 @@ def test_average_select_keeps_whichever_of_the_raw_and_averaged_weights_scores_b
     assert summary["best"]["NDCG@10"] == pytest.approx(max(b["valid"]["NDCG@10"] for b in both))
     # early stopping follows the better of the two scores: with patience 1 the selecting run ends at the first
     # epoch whose best view is no better than every earlier epoch's
-    _, _, short = valid_log(patience=1, epochs=10, seed=2, average_epochs=0.5, average_select=True)
+    _, _, short = valid_log(patience=1, epochs=10, seed=2, average_epochs=0.5, average_select=True, stop_on="fused")
     scores = [b["valid"]["NDCG@10"] for b in short]
     assert [b["improved"] for b in short] == [i == 0 or s > max(scores[:i]) for i, s in enumerate(scores)]
     stale = [i for i, b in enumerate(short) if not b["improved"]]
