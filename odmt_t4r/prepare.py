@@ -2,8 +2,9 @@
 the item catalog, frozen item features and manifest.json (written last: its presence means DIR is whole).
 
 DIR layout (the contract `odmt train` reads):
-    manifest.json            format, source, config, counts, modalities, versions, file hashes
+    manifest.json            format, source, config, counts, modalities, versions, file hashes, parent
     items.parquet            item_idx (categorified), item_id (raw), text, image (relative path), train_count
+    interactions.parquet     user_id, item_id, timestamp (epoch ms): every interaction the splits hold, in input order
     train/ valid/ test/      parquet + schema.pbtxt: item_id-list (ends with the target), user_idx, seen-list
     workflows/{sessions,train,valid,test,inference}/   saved nvt.Workflow objects
     categories/              the Categorify vocabularies
@@ -18,6 +19,9 @@ the train/valid/test splits are leave-one-out on the remaining interactions. A u
 interaction is a held-out item gets a cold test row: that item is the target, the user's earlier
 non-held-out items the history (users with no such item get none). `odmt add-items` adds the held-out
 items from cold/items.csv; `odmt evaluate --slice cold` scores the rows.
+
+Append (`--append-to DIR`, odmt_t4r/append.py): DIR's interactions and catalog plus new ones -> a new
+folder in which DIR's users and items keep their indices; `parent` in its manifest names DIR.
 
 The folder is built next to DIR and swapped in whole (odmt_t4r/output_folder.py): an existing DIR is
 replaced only when odmt wrote it, and a run killed at any point leaves the old DIR or the new one.
@@ -37,8 +41,11 @@ import pandas as pd
 
 from odmt_t4r.contract import COLD_DIR, COLD_ITEMS, COLD_TEST, COLD_TEST_COLUMNS, RESERVED_ROWS
 from odmt_t4r.contract import PREPARED_FORMAT as FORMAT, read_split  # noqa: F401 (re-exported)
+from odmt_t4r.data.base import RawData
 from odmt_t4r.data.sources import SOURCES
 from odmt_t4r.flags import add_flags, flag, given
+
+INTERACTIONS = "interactions.parquet"  # DIR file: the interactions the splits hold, what --append-to extends
 
 
 @dataclass
@@ -74,6 +81,13 @@ class PrepareConfig:
         "hold out this share of the items with interactions, those whose first interaction comes last, from training "
         "entirely; DIR/cold/ then holds them and the test rows whose target is one of them (`odmt add-items`, "
         "`odmt evaluate --slice cold`)", metavar="FRACTION"))
+    append_to: str | None = field(default=None, metadata=flag(
+        "a prepared DIR to extend with the rows of --interactions (and the new catalog items of --items): its users "
+        "and items keep their indices, new ones are appended, the splits are rebuilt over all interactions and only "
+        "the new items are encoded; DIR's settings are kept, DIR is never modified, --out must be another folder",
+        metavar="DIR"))
+    allow_late: bool = field(default=False, metadata=flag(
+        "with --append-to: accept new interactions older than DIR's newest (each history is ordered by time again)"))
 
     def validate(self) -> None:
         """Refuses, before any work, settings that would fail later or be silently ignored."""
@@ -91,6 +105,16 @@ class PrepareConfig:
             raise ValueError(f"--cold-items is the share of the catalog held out, in [0, 1), got {self.cold_items}")
         if self.min_interactions < 3:
             raise ValueError(f"min_interactions must be at least 3 (a train item, a validation and a test target), got {self.min_interactions}")
+        if self.append_to:
+            if self.source not in ("csv", "parquet"):
+                raise ValueError(f"--append-to reads new rows from csv or parquet files, not the '{self.source}' source: "
+                                 "give --source csv (or parquet) and --interactions NEW")
+            if not self.interactions:
+                raise ValueError("--append-to needs --interactions NEW (the new rows), and --items NEW_ITEMS for new catalog items")
+            if self.cold_items:
+                raise ValueError("--cold-items applies to a fresh prepare, not to --append-to: prepare all the data afresh to hold items out")
+        elif self.allow_late:
+            raise ValueError("--allow-late applies to --append-to only")
         if self.source not in ("csv", "parquet") and (self.interactions or self.items or self.timestamp_format):
             raise ValueError(f"--interactions, --items and --timestamp-format apply to the csv and parquet sources, not '{self.source}'")
         fmt = self.timestamp_format
@@ -152,10 +176,11 @@ GENERATED_FOLDERS = ("raw_images",)
 
 
 def run_workflows(inter: pd.DataFrame, vocab: pd.Series, scfg, stage: Path, client=None,
-                  partitions: int = 1) -> tuple[dict, dict[str, int]]:
+                  partitions: int = 1, users: pd.Series | None = None) -> tuple[dict, dict[str, int]]:
     """The session + split workflows on `inter` (with its input-row column) in one process or on `client`'s
     cluster (at least one partition per worker, split by user ranges), the splits written to stage/<split>
-    and the vocabularies to stage/categories; returns (fitted workflows by name, rows per split)."""
+    and the vocabularies to stage/categories; returns (fitted workflows by name, rows per split). `users`:
+    the user vocabulary (default: every user, sorted)."""
     import nvtabular as nvt
 
     from workflows import sessions as W
@@ -166,7 +191,7 @@ def run_workflows(inter: pd.DataFrame, vocab: pd.Series, scfg, stage: Path, clie
     ds = nvt.Dataset(inter, npartitions=npartitions)
     if npartitions > 1:
         ds = W.partition_by_user(ds, npartitions)  # the Groupby needs each user's rows in one partition
-    workflows, splits = W.run_session_workflows(ds, vocab, scfg, str(stage / "categories"))
+    workflows, splits = W.run_session_workflows(ds, vocab, scfg, str(stage / "categories"), users)
     split_rows = {}
     for split in W.SPLITS:
         # one file per partition, in order: merlin writes several partitions per file through a subgraph
@@ -189,16 +214,27 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def prepare(cfg: PrepareConfig, force: bool = False) -> dict:
+def prepare(cfg: PrepareConfig, force: bool = False, given: set[str] | None = None) -> dict:
     """Runs the whole stage; returns the manifest. DIR is built in a sibling folder and swapped in only
     on success (see OutputFolder): on failure an earlier DIR is left as it was. An existing DIR is
-    replaced only when odmt wrote it; `force` moves any other folder aside, deleting nothing."""
+    replaced only when odmt wrote it; `force` moves any other folder aside, deleting nothing.
+    With `append_to`, the parent DIR is verified and only read (odmt_t4r/append.py); its settings are
+    kept, and `given` names the fields the user set (None: those that differ from their defaults)."""
     from odmt_t4r.output_folder import OutputFolder
 
     cfg.validate()
+    parent = None
+    if cfg.append_to:
+        from odmt_t4r.append import ParentDir
+
+        parent = ParentDir.read(cfg.append_to, cfg.out)  # refuses --out equal to or nested with DIR
+        cfg = parent.settings(cfg, given)
     with OutputFolder(cfg.out, FORMAT, force=force, what="prepared folder",
                       log=lambda msg: _step(msg)) as folder:
-        manifest = _prepare(cfg, folder.stage)
+        inputs = _fresh_inputs(cfg, folder.stage) if parent is None else parent.inputs(cfg, folder.stage)
+        manifest = _prepare(cfg, folder.stage, inputs)
+        if parent is not None:
+            parent.check_unchanged()  # what DIR2 was built from is still DIR
         folder.commit()
     return manifest
 
@@ -222,11 +258,24 @@ def note_empty_image_cells(items: pd.DataFrame, path, notes: dict) -> int:
     return len(empty)
 
 
-def _prepare(cfg: PrepareConfig, stage: Path) -> dict:
-    import nvtabular as nvt
+@dataclass
+class PrepareInputs:
+    """What the workflows, the catalog and the features are built from: every interaction and the whole
+    catalog (`raw`), the interactions with their input-row column (`inter`) and the item vocabulary; for
+    an append also the user vocabulary and the parent's features and manifest entry."""
 
+    raw: RawData
+    inter: pd.DataFrame
+    vocab: pd.Series
+    users: pd.Series | None = None  # None: every user, in sorted order
+    cold: "ColdHoldout | None" = None
+    parent_features: Path | None = None  # an append: the parent DIR's features, its rows kept as they are
+    parent_n_index: int = RESERVED_ROWS  # rows below it are the parent's
+    parent: dict | None = None  # an append: the manifest's `parent` entry
+
+
+def _fresh_inputs(cfg: PrepareConfig, stage: Path) -> PrepareInputs:
     from odmt_t4r.data import load_source
-    from odmt_t4r.trust import write_manifest
     from workflows import sessions as W
 
     t0 = _step(f"loading source '{cfg.source}'")
@@ -242,15 +291,25 @@ def _prepare(cfg: PrepareConfig, stage: Path) -> dict:
         raw.interactions = inter.drop(columns=[W.ROW_COL])
         _step(f"  cold start: held out {len(cold.items):,} items (first interaction from {cold.first_interaction_from} ms), "
               f"{cold.interactions_dropped:,} interactions, {len(cold.test):,} cold test users")
+    _step(f"  loaded in {time.perf_counter() - t0:.1f}s")
+    return PrepareInputs(raw, inter, W.item_vocabulary(inter, raw.items), cold=cold)
+
+
+def _prepare(cfg: PrepareConfig, stage: Path, inputs: PrepareInputs) -> dict:
+    import nvtabular as nvt
+
+    from odmt_t4r.trust import write_manifest
+    from workflows import sessions as W
+
+    raw, inter, vocab, cold = inputs.raw, inputs.inter, inputs.vocab, inputs.cold
     raw.check_history_lengths(cfg.min_interactions)
-    _step(f"  {len(inter):,} interactions, {inter.user_id.nunique():,} users, {len(raw.items):,} catalog items "
-          f"({time.perf_counter() - t0:.1f}s)")
+    _step(f"  {len(inter):,} interactions, {inter.user_id.nunique():,} users, {len(raw.items):,} catalog items")
+    inter.drop(columns=[W.ROW_COL]).to_parquet(stage / INTERACTIONS, index=False)
 
     with dask_cluster(cfg) as client:
         t = _step("NVTabular workflows: Categorify + Groupby (by timestamp, then input row) + leave-one-out splits")
-        vocab = W.item_vocabulary(inter, raw.items)
         scfg = W.SessionConfig(max_length=cfg.max_length, min_interactions=cfg.min_interactions)
-        workflows, split_rows = run_workflows(inter, vocab, scfg, stage, client, cfg.partitions)
+        workflows, split_rows = run_workflows(inter, vocab, scfg, stage, client, cfg.partitions, inputs.users)
         for name, wf in workflows.items():
             wf.save(str(stage / "workflows" / name))
         _step(f"  done ({time.perf_counter() - t:.1f}s)")
@@ -272,14 +331,20 @@ def _prepare(cfg: PrepareConfig, stage: Path) -> dict:
     feature_manifest = None
     modalities = raw.modalities
     if cfg.features and len(modalities) > 1:
-        from odmt_t4r.features import FeatureConfig, build_item_features
-        t = _step(f"frozen item features for {modalities[1:]}")
+        from odmt_t4r.features.build import FeatureConfig, build_item_features, extend_item_features
         fcfg = FeatureConfig(modalities=tuple(m for m in modalities if m != "id"),
                              max_text_tokens=cfg.max_text_tokens, image_size=cfg.image_size)
         abs_items = items.copy()
         if "image" in abs_items:
             abs_items["image"] = abs_items["image"].map(lambda p: None if pd.isna(p) else p if os.path.isabs(p) else str(stage / p))
-        feature_manifest = build_item_features(abs_items, n_index, stage / "features", fcfg)
+        if inputs.parent_features is None:
+            t = _step(f"frozen item features for {modalities[1:]}")
+            feature_manifest = build_item_features(abs_items, n_index, stage / "features", fcfg)
+        else:
+            t = _step(f"frozen item features for {modalities[1:]}: the parent's {inputs.parent_n_index - RESERVED_ROWS:,} "
+                      f"items kept, {n_index - inputs.parent_n_index:,} new items encoded")
+            feature_manifest = extend_item_features(inputs.parent_features, inputs.parent_n_index, abs_items, n_index,
+                                                    stage / "features", fcfg)
         _step(f"  done ({time.perf_counter() - t:.1f}s)")
 
     seq_len = read_split(stage / "test", [W.SEEN_LIST])[W.SEEN_LIST].map(len) + 1
@@ -303,6 +368,7 @@ def _prepare(cfg: PrepareConfig, stage: Path) -> dict:
         "notes": raw.notes,
         "features": feature_manifest,
         "cold": None if cold is None else cold.summary(cfg.cold_items),
+        "parent": inputs.parent,  # an append's parent DIR: its path and the sha256 of its manifest.json
         "versions": _versions(),
     }
     generated = [g for g in GENERATED_FOLDERS if (stage / g).is_dir()]
@@ -397,7 +463,10 @@ def summary(m: dict) -> str:
             f"rows train {c['rows']['train']:,} / valid {c['rows']['valid']:,} / test {c['rows']['test']:,}"
             + (f"; {c['users_dropped_too_short']} users with < 3 interactions left out" if c['users_dropped_too_short'] else "")
             + (f"; cold start: {m['cold']['items']:,} items held out, {m['cold']['test_users']:,} cold test users"
-               if m.get("cold") else ""))
+               if m.get("cold") else "")
+            + (f"; appended to {m['parent']['dir']}: {m['parent']['appended']['interactions']:,} interactions, "
+               f"{m['parent']['appended']['items']:,} new items, {m['parent']['appended']['users']:,} new users"
+               if m.get("parent") else ""))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -407,8 +476,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = PrepareConfig(**given(args, PrepareConfig))
-    manifest = prepare(cfg, force=args.force)  # errors: one `odmt prepare: error:` line from odmt_t4r.cli
+    chosen = given(args, PrepareConfig)
+    cfg = PrepareConfig(**chosen)
+    manifest = prepare(cfg, force=args.force, given=set(chosen))  # errors: one `odmt prepare: error:` line from odmt_t4r.cli
     print(summary(manifest))
     print(f"wrote {Path(cfg.out).resolve()}")
     return 0

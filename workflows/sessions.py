@@ -9,7 +9,8 @@
                            train: items[:-2] cut into windows of <= L+1 (TrainingWindows)
       inference_workflow: raw item_id-list -> Categorify(same vocabulary) -> ListSlice(-L); drops no row.
 
-Item index: 0 padding, 1 null, 2 out-of-vocabulary, 3.. the catalog ordered by popularity. The same
+Item index: 0 padding, 1 null, 2 out-of-vocabulary, 3.. the catalog ordered by popularity (after an
+`odmt prepare --append-to`: the parent's order, then the new items; see `extend_vocabulary`). The same
 code runs on pandas (CPU) and cuDF (GPU, picked by `nvt.Dataset` itself where `on_gpu()`), in one
 process or on the Dask cluster that is merlin's global client (odmt_t4r.prepare.dask_cluster).
 Several partitions need `partition_by_user` first, so that no user's history is split.
@@ -18,6 +19,7 @@ Several partitions need `partition_by_user` first, so that no user's history is 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import dask
 import numpy as np
@@ -26,7 +28,7 @@ import nvtabular as nvt
 from merlin.schema import Tags
 from nvtabular import ops
 
-from odmt_t4r.contract import ITEM_LIST, SEEN_LIST, SPLITS, USER_IDX
+from odmt_t4r.contract import ITEM_LIST, RESERVED_ROWS, SEEN_LIST, SPLITS, USER_IDX
 from workflows.ops import Groupby, ListSlice, TrainingWindows
 
 # With pandas 2 (the GPU route: cuDF 24.04 needs it), dask turns object columns into pyarrow strings,
@@ -65,6 +67,33 @@ def user_vocabulary(interactions) -> pd.Series:
     users = interactions[USER_COL].drop_duplicates()
     users = users.compute() if hasattr(users, "compute") else users
     return pd.Series(np.sort(users.to_numpy()), name=USER_COL)
+
+
+def fitted_vocabulary(workflow_dir, column: str) -> pd.Series:
+    """The vocabulary a saved workflow's Categorify encodes `column` with, in index order (value k has
+    index RESERVED_ROWS + k). `Workflow.save` copies it to <workflow_dir>/categories/unique.<column>.parquet
+    (nvtabular/workflow/workflow.py:335, ops/categorify.py `_copy_storage`); read as data, nothing unpickled."""
+    path = Path(workflow_dir) / "categories" / f"unique.{column}.parquet"
+    try:
+        frame = pd.read_parquet(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: cannot read the fitted vocabulary of '{column}' ({exc}); prepare that DIR again") from None
+    if column not in frame.columns or list(frame.index) != list(range(RESERVED_ROWS, RESERVED_ROWS + len(frame))):
+        raise ValueError(f"{path} is not a Categorify vocabulary of '{column}' indexed from {RESERVED_ROWS}; prepare that DIR again")
+    return pd.Series(frame[column].to_numpy(dtype=object), name=column)
+
+
+def extend_vocabulary(fitted: pd.Series, values) -> pd.Series:
+    """`fitted` followed by the `values` it lacks, in their order: every fitted value keeps its index.
+    The one place a vocabulary grows. NVTabular has no incremental fit (NVTabular #798, #349): fitting a
+    Categorify from data builds the whole vocabulary anew, reindexing every value, and a column given
+    `vocabs` is skipped by `fit` (ops/categorify.py:381-389); a loaded workflow cannot even be refitted,
+    since `Workflow.load` re-points `categories` but not `vocabs` (workflow/workflow.py:454), which still
+    name the folder it was fitted in, and `clear()` restores those (ops/categorify.py:416-418). So the
+    grown vocabulary is given to new workflows as `vocabs`, built like a fresh prepare's."""
+    values = pd.Series(np.asarray(values, dtype=object))
+    new = pd.unique(values[~values.isin(set(fitted))])
+    return pd.Series(np.concatenate([fitted.to_numpy(dtype=object), np.asarray(new, dtype=object)]), name=fitted.name)
 
 
 def partition_by_user(dataset: nvt.Dataset, npartitions: int) -> nvt.Dataset:
@@ -136,14 +165,16 @@ def inference_workflow(item_vocab: pd.Series, cfg: SessionConfig, categories_dir
 
 
 def run_session_workflows(interactions: nvt.Dataset, item_vocab: pd.Series, cfg: SessionConfig,
-                          categories_dir: str) -> tuple[dict[str, nvt.Workflow], dict[str, nvt.Dataset]]:
+                          categories_dir: str, user_vocab: pd.Series | None = None
+                          ) -> tuple[dict[str, nvt.Workflow], dict[str, nvt.Dataset]]:
     """Fits and runs the session workflow once (its output is persisted, so the three split
     workflows do not recompute the Groupby), then returns the fitted workflows by name
-    ("sessions", "train", "valid", "test") and the lazy split datasets."""
+    ("sessions", "train", "valid", "test") and the lazy split datasets. `user_vocab` (every user of
+    `interactions`) defaults to the users in sorted order."""
     sessions_wf = fit_fixed_vocabulary(session_workflow(item_vocab, categories_dir), interactions)
     sessions_ddf = sessions_wf.transform(interactions).to_ddf().persist()
     sessions = nvt.Dataset(sessions_ddf, schema=sessions_wf.output_schema)
-    users = user_vocabulary(sessions_ddf)
+    users = user_vocabulary(sessions_ddf) if user_vocab is None else user_vocab
     workflows, splits = {"sessions": sessions_wf}, {}
     for split in SPLITS:
         wf = fit_fixed_vocabulary(split_workflow(split, cfg, users, categories_dir), sessions)

@@ -8,7 +8,7 @@ from typing import Callable
 
 import pandas as pd
 
-from odmt_t4r.data.base import ID_COLUMNS, DataValidationError, RawData
+from odmt_t4r.data.base import ID_COLUMNS, DataValidationError, RawData, validate_interactions, validate_items
 
 
 def recbole_ml100k_dir() -> Path:
@@ -73,6 +73,18 @@ def _load_user_files(kind: str, interactions: str | None = None, items: str | No
         raise ValueError(f"source '{kind}' needs --interactions FILE and --items FILE")
     raw = RawData(kind, _read_table(interactions, kind), _read_table(items, kind), str(interactions), str(items))
     return raw.validate(check_images=check_images, timestamp_format=timestamp_format)
+
+
+def load_new_rows(kind: str, interactions: str, items: str | None = None, timestamp_format: str | None = None) -> RawData:
+    """New rows for `odmt prepare --append-to DIR`, in the csv/parquet sources' formats: interactions and,
+    optionally, new catalog items, each file validated alone (the append checks their item IDs against
+    DIR's catalog). Without `items` the catalog part is empty."""
+    raw = RawData(kind, _read_table(interactions, kind), pd.DataFrame({"item_id": pd.Series([], dtype=object)}),
+                  str(interactions), str(items) if items else "<no --items>")
+    raw.interactions = validate_interactions(raw.interactions, raw.interactions_path, timestamp_format)
+    if items:
+        raw.items = validate_items(_read_table(items, kind), raw.items_path, notes=raw.notes)
+    return raw
 
 
 def load_fashion(fashion_mnist_dir: str | None = None, n_items: int | None = None, seed: int = 0,

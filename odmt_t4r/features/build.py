@@ -1,7 +1,8 @@
 """Extract per-item token features once: validate the catalog, hash its content, encode on a cache miss.
 
 `build_item_features` is the one entry point of the feature stage; `feature_hashes` answers
-"would this rebuild?" without running an encoder.
+"would this rebuild?" without running an encoder; `extend_item_features` grows a built folder by new
+items (`odmt prepare --append-to`), encoding only those.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +25,10 @@ from .cache import FORMAT_VERSION, FeatureCache, content_key, file_bytes_digest,
 from .config import MODALITIES, RESERVED_ROWS, FeatureConfig
 from .encoders import as_numpy, encoder_identity, make_image_encoder, make_text_encoder
 from .image import load_rgb
-from .store import FILES, MANIFEST, array_info, write_json_atomic
+from .store import FILES, MANIFEST, array_info, load_item_features, write_json_atomic
 
 _LISTED_FAILURES = 100  # the manifest names this many failed items; the count is always exact
+_COPY_ROWS = 4096  # rows of a parent's arrays copied at a time (catalogs may exceed RAM)
 
 
 class ImageDecodeWarning(RuntimeWarning):
@@ -70,19 +73,107 @@ def build_item_features(
         if not modalities[modality]["built"]:
             for name in FILES[modality]:  # a stale array from an earlier build must not outlive its manifest
                 (out_dir / name).unlink(missing_ok=True)
+    keys = {m: j.key for m, j in jobs.items() if len(j.idx)}
+    return _write_manifest(out_dir, n_index, config, modalities, keys, _empty_cells(items, jobs.get("image")))
+
+
+def _write_manifest(out_dir: Path, n_index: int, config: FeatureConfig, modalities: dict, keys: dict[str, str],
+                    empty_images: int) -> dict:
     manifest = {
         "format_version": FORMAT_VERSION,
-        "content_hash": _combine(n_index, {m: j.key for m, j in jobs.items() if len(j.idx)}),
+        "content_hash": _combine(n_index, keys),
         "n_index": int(n_index),
         "reserved_rows": RESERVED_ROWS,
         "config": config.to_dict(),
         "modalities": modalities,
         "fallbacks": {"image_unreadable": modalities["image"].get("fallbacks", {}).get("unreadable", 0),
-                      "image_empty": _empty_cells(items, jobs.get("image"))},
+                      "image_empty": empty_images},
         "software": _software(),
     }
     write_json_atomic(out_dir / MANIFEST, manifest)
     return manifest
+
+
+def extend_item_features(parent_dir: str | os.PathLike, parent_n_index: int, items: pd.DataFrame, n_index: int,
+                         out_dir: str | os.PathLike, config: FeatureConfig | None = None, **build_options) -> dict:
+    """Features of a catalog that extends the one whose features `parent_dir` holds (`odmt prepare
+    --append-to`): rows below `parent_n_index` are the parent's, copied unchanged (those items keep their
+    index), and only the items from `parent_n_index` on are encoded, by `build_item_features` (through the
+    cache; `build_options`: its cache_dir, text_encoder, image_encoder). A `parent_dir` without a manifest
+    (a parent with no content) gives all-zero parent rows. Writes out_dir as `build_item_features` does and
+    returns its manifest."""
+    config = config or FeatureConfig()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parent = load_item_features(parent_dir) if (Path(parent_dir) / MANIFEST).is_file() else None
+    if parent is not None and parent.n_index != parent_n_index:
+        raise ValueError(f"{parent_dir}: features for {parent.n_index} rows, but the parent catalog has {parent_n_index}")
+    catalog = _catalog(items, n_index)
+    new = catalog[catalog["item_idx"] >= parent_n_index]
+    shift = parent_n_index - RESERVED_ROWS
+    with tempfile.TemporaryDirectory(prefix=".new-items-", dir=out_dir) as tmp:
+        added = None
+        if len(new):  # indexed from RESERVED_ROWS, as a catalog of their own (`odmt add-items` builds them alike)
+            build_item_features(new.assign(item_idx=new["item_idx"] - shift), n_index - shift, tmp, config, **build_options)
+            added = load_item_features(tmp)
+        modalities = {m: _extend_one(m, parent, added, parent_n_index, n_index, out_dir) for m in MODALITIES}
+    keys = {m: meta["content_hash"] for m, meta in modalities.items() if meta["built"]}
+    has_image = catalog["image"].map(_present).sum() if "image" in catalog else 0
+    return _write_manifest(out_dir, n_index, config, modalities, keys,
+                           int(len(catalog) - has_image) if modalities["image"]["built"] else 0)
+
+
+def _extend_one(modality: str, parent, added, parent_n_index: int, n_index: int, out_dir: Path) -> dict:
+    """One modality's arrays: the parent's rows, then the added items' (rows from RESERVED_ROWS in `added`)."""
+    parts = [(f, f.manifest["modalities"].get(modality, {})) for f in (parent, added) if f is not None]
+    built = [(f, meta) for f, meta in parts if meta.get("built")]
+    for name in FILES[modality]:
+        (out_dir / name).unlink(missing_ok=True)
+    if not built:
+        return {"built": False, "reason": next((m["reason"] for _, m in reversed(parts) if m.get("reason")),
+                                               f"no item has {modality}")}
+    encoders = {json.dumps(meta["encoder"], sort_keys=True) for _, meta in built}
+    shapes = {getattr(f, modality).shape[1:] for f, _ in built}
+    if len(encoders) > 1 or len(shapes) > 1:
+        raise ValueError(f"the parent's {modality} features ({built[0][1]['encoder']}, tokens {getattr(built[0][0], modality).shape[1:]}) "
+                         f"and the new items' ({built[1][1]['encoder']}, tokens {getattr(built[1][0], modality).shape[1:]}) "
+                         "differ: one catalog's features come from one encoder; prepare all the data afresh")
+    tokens_name, mask_name = FILES[modality]
+    first = built[0][0]
+    tokens = np.lib.format.open_memmap(out_dir / tokens_name, mode="w+", dtype=np.float16,
+                                       shape=(n_index, *getattr(first, modality).shape[1:]))
+    mask = np.zeros((n_index, *getattr(first, f"{modality}_mask").shape[1:]), dtype=bool)
+    old = parent.manifest["modalities"].get(modality, {}) if parent is not None else {}
+    if old.get("built"):
+        for start in range(0, parent_n_index, _COPY_ROWS):
+            rows = slice(start, min(start + _COPY_ROWS, parent_n_index))
+            tokens[rows] = getattr(parent, modality)[rows]
+        mask[:parent_n_index] = getattr(parent, f"{modality}_mask")
+    new = added.manifest["modalities"].get(modality, {}) if added is not None else {}
+    if new.get("built"):
+        tokens[parent_n_index:] = getattr(added, modality)[RESERVED_ROWS:]
+        mask[parent_n_index:] = getattr(added, f"{modality}_mask")[RESERVED_ROWS:]
+    tokens.flush()
+    del tokens
+    np.save(out_dir / mask_name, mask)
+    shift = parent_n_index - RESERVED_ROWS
+    meta = {
+        "built": True,
+        "encoder": built[0][1]["encoder"],
+        "n_items": sum(int(m.get("n_items", 0)) for _, m in built),
+        "n_encoded": sum(int(m.get("n_encoded", 0)) for _, m in built),
+        "cache": "extended",
+        "content_hash": hashlib.sha256(f"{old.get('content_hash')}+{new.get('content_hash')}".encode()).hexdigest(),
+        "appended": {"parent_rows": int(parent_n_index), "encoded": int(new.get("n_encoded", 0)),
+                     "cache": new.get("cache")},
+        "files": {name: array_info(out_dir / name) for name in FILES[modality]},
+    }
+    if modality == "image":
+        failed = [*old.get("fallbacks", {}).get("items", []),
+                  *({**f, "item_idx": f["item_idx"] + shift} for f in new.get("fallbacks", {}).get("items", []))]
+        meta["fallbacks"] = {"unreadable": sum(int(m.get("fallbacks", {}).get("unreadable", 0)) for m in (old, new)),
+                             "items": failed[:_LISTED_FAILURES]}
+    return meta
 
 
 def feature_hashes(
