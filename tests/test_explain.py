@@ -184,4 +184,4 @@ def test_the_executor_explains_only_for_requests_that_ask(executor, data_dir):
     assert np.any(mixed[1].tensors["contribution_text"] != 0)
 
     everything = model.execute([FakeRequest(sessions[:2], [])])  # naming no outputs asks for all (Triton's rule)
-    assert set(everything[0].tensors) == {*asking, "unknown_ids"} and calls == [6, 2]
+    assert set(everything[0].tensors) == {*asking, "unknown_ids", "unknown_rule_ids"} and calls == [6, 2]

@@ -239,12 +239,14 @@ def test_export_writes_a_tuned_self_contained_repository(run_dir, data_dir, tmp_
     assert executor.backend == "python" and executor.max_batch_size == 64
     assert executor.HasField("dynamic_batching")
     assert [g.kind for g in executor.instance_group] == [mc.ModelInstanceGroup.Kind.KIND_CPU]
-    assert [(i.name, i.data_type, i.allow_ragged_batch) for i in executor.input] == [
-        ("item_id-list__values", mc.TYPE_STRING, True), ("item_id-list__offsets", mc.TYPE_INT32, True)]
+    assert [(i.name, i.data_type, i.allow_ragged_batch, i.optional) for i in executor.input] == [
+        ("item_id-list__values", mc.TYPE_STRING, True, False), ("item_id-list__offsets", mc.TYPE_INT32, True, False),
+        ("exclude_ids", mc.TYPE_STRING, True, True), ("include_ids", mc.TYPE_STRING, True, True)]  # business rules
     assert [(o.name, o.data_type, list(o.dims)) for o in executor.output] == [
         ("item_ids", mc.TYPE_STRING, [-1, 7]), ("scores", mc.TYPE_FP32, [-1, 7]),
         ("contribution_id", mc.TYPE_FP32, [-1, 7]),  # optional: computed only for requests that ask for it
-        ("unknown_ids", mc.TYPE_INT32, [-1, 1])]  # per session, its item IDs not in the served catalog
+        ("unknown_ids", mc.TYPE_INT32, [-1, 1]),  # per session, its item IDs not in the served catalog
+        ("unknown_rule_ids", mc.TYPE_INT32, [-1, 2])]  # the request's exclude / include IDs not in it
     model_py = (repo / "executor_model" / "1" / "model.py").read_text()
     assert model_py == (ROOT / "triton_models" / "executor_model.py").read_text()
     assert (repo / "executor_model" / "1" / "ensemble" / ARTIFACT_DIR / "model.pt").is_file()

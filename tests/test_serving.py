@@ -254,7 +254,8 @@ def test_a_request_that_does_not_ask_for_explanations_gets_only_todays_outputs(f
         client.close()
     assert [o.name for o in plain.get_response().outputs] == ["item_ids", "scores"]
     assert {o.name for o in full.get_response().outputs} == {"item_ids", "scores", *CONTRIBUTIONS}
-    assert {o.name for o in everything.get_response().outputs} == {"item_ids", "scores", *CONTRIBUTIONS, "unknown_ids"}
+    assert {o.name for o in everything.get_response().outputs} == {"item_ids", "scores", *CONTRIBUTIONS, "unknown_ids",
+                                                                   "unknown_rule_ids"}
     for name in ("item_ids", "scores"):
         assert np.array_equal(plain.as_numpy(name), full.as_numpy(name))
     assert full.as_numpy("contribution_text").shape == (1, 20, K)

@@ -12,6 +12,10 @@ same in-process (`reference_recommend`, `check_in_process`) and served.
 Explanations (the optional `contribution_<branch>` outputs) are checked the same way, against
 `reference_explain`: odmt_t4r/model/explain.py's BranchExplainer on the independent model, and the
 `unknown_ids` output against `reference_unknown_ids` (the raw IDs the served catalog does not hold).
+
+Business rules (exclude_ids / include_ids, raw IDs per request) are checked the same way: the graph run with
+a rule against `reference_recommend(..., rules=...)`, whose rule is resolved here from the RUN's own index
+(`reference_item_rules`), and the `unknown_rule_ids` output against the rule's IDs the catalog does not hold.
 """
 
 from __future__ import annotations
@@ -78,14 +82,34 @@ def reference_unknown_ids(workflow, sessions: Sequence[Sequence[str]], item_ids:
 
 
 def reference_recommend(model, workflow, item_ids: np.ndarray, sessions: Sequence[Sequence[str]], k: int,
-                        column: str = INPUT) -> tuple[np.ndarray, np.ndarray]:
+                        column: str = INPUT, rules: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """What the served graph must answer: NVTabular's own `Workflow.transform` on the raw sessions,
     then the in-process model's `recommend` on the right-padded [B L] histories (pads 0), mapped to
     raw IDs with `item_ids` (index -> str, e.g. `run_item_ids`): (str object [B k], scores float32 [B k]).
     Slots with no candidate left (every item seen, or fewer than k items) hold "" and -inf.
+    rules: {"exclude_ids": raw IDs, "include_ids": raw IDs} for every session (`reference_item_rules`).
     Empty sessions are answered by popularity in serving (see predict.py), not by this function."""
-    ids, padded, _, _ = _reference_top_k(model, workflow, item_ids, sessions, k, column)
+    ids, padded, _, _ = _reference_top_k(model, workflow, item_ids, sessions, k, column, rules)
     return ids, padded
+
+
+def reference_item_rules(item_ids: np.ndarray, rules: dict | None):
+    """Raw-ID rules -> (retrieval.ItemRules over the RUN's index rows, or None; {"exclude": n, "include": n}
+    the IDs `item_ids` does not hold), resolved with a plain dict: independent of the served graph's lookup."""
+    import torch
+
+    from odmt_t4r.model.retrieval import ItemRules
+
+    if not rules:
+        return None, {"exclude": 0, "include": 0}
+    index = {str(raw): i for i, raw in enumerate(np.asarray(item_ids, dtype=object).tolist()) if i >= 3 and str(raw)}
+    rows, unknown = {}, {}
+    for name in ("exclude_ids", "include_ids"):
+        ids = rules.get(name)
+        unknown[name.split("_")[0]] = 0 if ids is None else sum(str(i) not in index for i in ids)
+        rows[name] = None if ids is None else torch.tensor([index[str(i)] for i in ids if str(i) in index],
+                                                            dtype=torch.long)
+    return ItemRules(exclude=rows["exclude_ids"], include=rows["include_ids"]), unknown
 
 
 def reference_explain(model, workflow, item_ids: np.ndarray, sessions: Sequence[Sequence[str]], k: int,
@@ -104,7 +128,7 @@ def reference_explain(model, workflow, item_ids: np.ndarray, sessions: Sequence[
     return ids, padded, {b: np.where(explained, v.numpy(), 0.0).astype(np.float32) for b, v in lifts.items()}
 
 
-def _reference_top_k(model, workflow, item_ids, sessions, k, column):
+def _reference_top_k(model, workflow, item_ids, sessions, k, column, rules=None):
     """(raw IDs [B k], scores [B k], histories [B L], item indices [B k]) of `reference_recommend`."""
     import torch
 
@@ -115,7 +139,7 @@ def _reference_top_k(model, workflow, item_ids, sessions, k, column):
         v = np.asarray(v, dtype=np.int64)[-L:]
         hist[i, : len(v)] = v
     with torch.inference_mode():
-        scores, idx = model.recommend(torch.from_numpy(hist), k=k)
+        scores, idx = model.recommend(torch.from_numpy(hist), k=k, rules=reference_item_rules(item_ids, rules)[0])
     scores, idx = scores.numpy(), idx.numpy()
     found = np.isfinite(scores)
     ids = np.full((len(hist), k), "", dtype=object)
@@ -204,6 +228,60 @@ def check_in_process(ensemble, predict, workflow, sessions: Sequence[Sequence[st
             if not np.array_equal(got, np.asarray(want, dtype=np.int64)):
                 raise ServingCheckError(f"fast transform != Workflow.transform on session {i}: {got} vs {list(want)}")
             encode_checked += 1
+    rules_checked = check_rules(ensemble, predict, workflow, reference, item_ids, sessions, atol)
     return {"sessions": len(sessions), "max_abs_score_diff": diff, "max_abs_contribution_diff": lift_diff,
             "encodings_checked": encode_checked, "unknown_ids_checked": len(sessions),
-            "sequence_encoders": predict.jit_status}
+            "rules_checked": rules_checked, "sequence_encoders": predict.jit_status}
+
+
+def example_rules(answers: np.ndarray, sessions: Sequence[Sequence[str]], served: Sequence[str]) -> list[dict]:
+    """Rules that change the answers of `sessions` (their unrestricted top-k `answers`, raw IDs [B k]): an
+    exclude list of the first answers, an include list of later answers, session items and other catalog
+    items, and both together; each with an ID the catalog does not hold."""
+    firsts = [str(a) for a in answers[:, :3].reshape(-1).tolist() if a]
+    later = [str(a) for a in answers[:, 4::2].reshape(-1).tolist() if a]
+    others = [str(i) for i in served[:: max(1, len(served) // 7)] if i]
+    include = list(dict.fromkeys(later + [i for s in sessions[:3] for i in s][:4] + others))
+    return [{"exclude_ids": [*firsts, "__not-an-item__"]},
+            {"include_ids": [*include, "__not-an-item__"]},
+            {"exclude_ids": firsts[:2], "include_ids": include}]
+
+
+def check_rules(ensemble, predict, workflow, reference, item_ids, sessions, atol: float) -> int:
+    """The graph under `example_rules`, against `reference_recommend` with the same rules; returns how many
+    (session, rule) answers were compared. Raises ServingCheckError on any difference."""
+    from merlin.table import TensorTable
+
+    from triton_models.client import encode_sessions
+    from triton_models.predict import UNKNOWN_RULE_IDS
+
+    column = predict.input_column
+    sessions = [s for s in sessions if len(s)][:24]  # empty ones are answered by popularity (predict.py)
+    values, offsets = encode_sessions(sessions)
+    values = np.array([v.decode("utf-8") for v in values], dtype=object)
+    served = [str(i) for i in np.asarray(item_ids, dtype=object)[3:].tolist() if str(i)]
+    answers = reference_recommend(reference, workflow, item_ids, sessions[:4], predict.k, column)[0]
+    checked = 0
+    for rule in example_rules(answers, sessions, served):
+        predict.rules = [rule] * len(sessions)
+        try:
+            out = ensemble.transform(TensorTable({f"{column}__values": values, f"{column}__offsets": offsets}))
+        finally:
+            predict.rules = None
+        got = np.vectorize(lambda b: b.decode("utf-8"), otypes=[object])(out["item_ids"].values)
+        want_ids, want_scores = reference_recommend(reference, workflow, item_ids, sessions, predict.k, column, rule)
+        if got.tolist() != want_ids.tolist():
+            bad = next(i for i in range(len(sessions)) if list(got[i]) != list(want_ids[i]))
+            raise ServingCheckError(f"under the rule {sorted(rule)} session {bad} is answered "
+                                    f"{got[bad][:5].tolist()}, in-process {want_ids[bad][:5].tolist()}")
+        finite = np.isfinite(want_scores)
+        diff = float(np.max(np.abs(out["scores"].values[finite] - want_scores[finite]), initial=0.0))
+        if not diff <= atol:
+            raise ServingCheckError(f"under the rule {sorted(rule)} scores differ from the in-process model by {diff:.3g}")
+        counts = reference_item_rules(item_ids, rule)[1]
+        got_counts = np.asarray(out[UNKNOWN_RULE_IDS].values).reshape(-1, 2)
+        if not (got_counts == [counts["exclude"], counts["include"]]).all():
+            raise ServingCheckError(f"the graph counts {got_counts[0].tolist()} unknown rule IDs, the catalog "
+                                    f"{[counts['exclude'], counts['include']]}")
+        checked += len(sessions)
+    return checked

@@ -4,12 +4,16 @@ Wire contract of the served model (default name `executor_model`, as merlin-syst
 
     inputs   item_id-list__values   BYTES  [N]      raw item IDs (UTF-8) of all sessions, concatenated
              item_id-list__offsets  INT32  [B+1]    session b is values[offsets[b]:offsets[b+1]]; offsets[0]=0
+             exclude_ids            BYTES  [E]      optional: raw IDs never returned (every session of the request)
+             include_ids            BYTES  [I]      optional: only these raw IDs may be returned
     outputs  item_ids               BYTES  [B, K]   raw item IDs, best first; "" marks padding
              scores                 FP32   [B, K]   their scores, descending
              contribution_<branch>  FP32   [B, K]   optional, one per branch in the fused score: computed
                                                     only when requested (`explain`, `odmt recommend --explain`)
              unknown_ids            INT32  [B, 1]   optional: how many of the session's item IDs the served
                                                     catalog does not hold (`recommend_with_unknown`)
+             unknown_rule_ids       INT32  [B, 2]   optional: the exclude / include IDs the served catalog does
+                                                    not hold (ignored); asked for when rules are sent
 
 The exported executor model uses `max_batch_size: 64` with dynamic batching, so tensors carry a leading batch dimension of 1; `--max-batch-size 0` exports merlin's unbatched shapes, which this client handles too. If a
 model declares `max_batch_size > 0`, the client sends the request as one batch entry ([1, N] and
@@ -23,6 +27,11 @@ whose weighted score lifts the item most above an average catalog item (odmt_t4r
 it existed do not) and says on stderr when the session holds IDs the served catalog does not know: they
 reach the model as one "unknown item" token each, and a session of unknown IDs only gets an answer that
 does not depend on its items.
+
+Business rules (`exclude=`, `include=` on every call; `odmt recommend --exclude/--include`, or their `-json`
+forms for IDs holding commas): the answer is the unrestricted ranking with the excluded items removed, or
+restricted to the included ones (same items, order and scores); an include list leaving fewer than k items
+gets fewer. Unknown IDs in them are ignored; the `*_with_unknown` calls count them in `unknown_rule_ids`.
 """
 
 from __future__ import annotations
@@ -41,6 +50,8 @@ OUTPUTS = ("item_ids", "scores")
 CONTRIBUTION = "contribution_"  # + branch name (triton_models/predict.py)
 POPULARITY = "popularity"  # odmt_t4r.model.explain.POPULARITY, kept here so the client needs no torch
 UNKNOWN_IDS = "unknown_ids"  # triton_models.predict.UNKNOWN_IDS: per session, its IDs not in the served catalog
+EXCLUDE_IDS, INCLUDE_IDS = RULE_INPUTS = ("exclude_ids", "include_ids")  # triton_models.predict.RULE_INPUTS
+UNKNOWN_RULE_IDS = "unknown_rule_ids"  # triton_models.predict.UNKNOWN_RULE_IDS: [B, 2] unknown exclude / include IDs
 
 
 @dataclass
@@ -79,6 +90,18 @@ def _unknown(arrays: list[np.ndarray], counted: bool, batch: int) -> list[int] |
     return [int(n) for n in arrays[-1].reshape(batch, -1)[:, 0]] if counted else None
 
 
+def rule_lists(exclude: Sequence[str] | None, include: Sequence[str] | None) -> dict:
+    """{input name: raw IDs} of the rules given (None: no such rule; an empty include allows nothing)."""
+    rules = {}
+    for name, ids in ((EXCLUDE_IDS, exclude), (INCLUDE_IDS, include)):
+        if ids is None:
+            continue
+        if isinstance(ids, (str, bytes)):
+            raise TypeError(f"{name.split('_')[0]} must be a list of item IDs, not one string")
+        rules[name] = [str(i) for i in ids]
+    return rules
+
+
 def unknown_note(session_number: int, unknown: int, length: int) -> str | None:
     """The stderr note for a session holding IDs the served catalog does not know, or None."""
     if unknown <= 0:
@@ -101,6 +124,8 @@ class RecommenderClient:
         self.input_name, self.outputs = input_name, outputs
         self._max_batch_size: int | None = None
         self._output_names: list[str] | None = None
+        self._input_names: list[str] | None = None
+        self.unknown_rule_ids: dict[str, int] | None = None  # the last `*_with_unknown` call's, when it sent rules
         if protocol == "http":
             import tritonclient.http as tc
 
@@ -141,10 +166,26 @@ class RecommenderClient:
     def output_names(self) -> list[str]:
         """The outputs the served model declares (its metadata), in order."""
         if self._output_names is None:
-            extra = {"as_json": True, **self._kw()} if self.protocol == "grpc" else {}
-            metadata = self._client.get_model_metadata(self.model_name, **extra)
-            self._output_names = [o["name"] for o in metadata.get("outputs", [])]
+            self._read_metadata()
         return self._output_names
+
+    @property
+    def input_names(self) -> list[str]:
+        """The inputs the served model declares (its metadata), in order."""
+        if self._input_names is None:
+            self._read_metadata()
+        return self._input_names
+
+    def _read_metadata(self) -> None:
+        extra = {"as_json": True, **self._kw()} if self.protocol == "grpc" else {}
+        metadata = self._client.get_model_metadata(self.model_name, **extra)
+        self._output_names = [o["name"] for o in metadata.get("outputs", [])]
+        self._input_names = [i["name"] for i in metadata.get("inputs", [])]
+
+    @property
+    def takes_rules(self) -> bool:
+        """Whether the served model has the business-rule inputs (repositories exported before them have not)."""
+        return set(RULE_INPUTS) <= set(self.input_names)
 
     @property
     def branches(self) -> list[str]:
@@ -161,57 +202,77 @@ class RecommenderClient:
             return [self._tc.InferRequestedOutput(name, binary_data=True) for name in names]
         return [self._tc.InferRequestedOutput(name) for name in names]
 
-    def _infer_raw(self, sessions: Sequence[Sequence[str]], k: int, names: Sequence[str]) -> list[np.ndarray] | None:
+    def _infer_raw(self, sessions: Sequence[Sequence[str]], k: int, names: Sequence[str],
+                   rules: dict | None = None) -> list[np.ndarray] | None:
         if k < 1:
             raise ValueError("k must be >= 1")
         if isinstance(sessions, str) or any(isinstance(s, str) for s in sessions):
             raise TypeError("sessions must be a list of lists of item IDs")
         if not sessions:
             return None
+        if rules and not self.takes_rules:
+            raise ValueError(f"model {self.model_name!r} takes no exclude_ids / include_ids inputs: export the RUN "
+                             "again with this version of odmt to use business rules")
         values, offsets = encode_sessions(sessions)
         inputs = [self._input(f"{self.input_name}__values", values, "BYTES"),
                   self._input(f"{self.input_name}__offsets", offsets, "INT32")]
+        for name, ids in (rules or {}).items():
+            inputs.append(self._input(name, np.array([i.encode("utf-8") for i in ids], dtype=np.object_), "BYTES"))
         result = self._client.infer(self.model_name, inputs, outputs=self._requested(names), **self._kw())
         return [result.as_numpy(name) for name in names]
 
-    def recommend(self, sessions: Sequence[Sequence[str]], k: int = 10) -> list[list[tuple[str, float]]]:
+    def recommend(self, sessions: Sequence[Sequence[str]], k: int = 10, *, exclude: Sequence[str] | None = None,
+                  include: Sequence[str] | None = None) -> list[list[tuple[str, float]]]:
         """Top-k (item_id, score) per session, best first; sessions and results are raw item IDs.
+        exclude / include: business rules for every session of the call (raw IDs; see the module docstring).
         Asks for `item_ids` and `scores` only: the server computes no explanations for it."""
-        arrays = self._infer(sessions, k, self.outputs)
+        arrays = self._infer(sessions, k, self.outputs, rule_lists(exclude, include))
         return [] if arrays is None else decode_topk(*arrays, len(sessions), k)
 
-    def recommend_with_unknown(self, sessions: Sequence[Sequence[str]], k: int = 10
+    def recommend_with_unknown(self, sessions: Sequence[Sequence[str]], k: int = 10, *,
+                               exclude: Sequence[str] | None = None, include: Sequence[str] | None = None
                                ) -> tuple[list[list[tuple[str, float]]], list[int] | None]:
         """`recommend`'s answers and, per session, how many of its item IDs the served catalog does not hold
-        (None when the served model has no `unknown_ids` output: a repository exported before it)."""
+        (None when the served model has no `unknown_ids` output: a repository exported before it). With rules,
+        `unknown_rule_ids` then holds how many of their IDs the served catalog does not hold."""
         counted = self.counts_unknown
-        arrays = self._infer(sessions, k, [*self.outputs, *([UNKNOWN_IDS] if counted else [])])
+        arrays = self._infer(sessions, k, [*self.outputs, *([UNKNOWN_IDS] if counted else [])],
+                             rule_lists(exclude, include), count_rules=True)
         if arrays is None:
             return [], ([] if counted else None)
         return decode_topk(arrays[0], arrays[1], len(sessions), k), _unknown(arrays, counted, len(sessions))
 
-    def _infer(self, sessions, k, names):
-        arrays = self._infer_raw(sessions, k, names)
+    def _infer(self, sessions, k, names, rules: dict | None = None, count_rules: bool = False):
+        """The call; with rules and `count_rules`, also `unknown_rule_ids` (read off the end of the outputs
+        into `self.unknown_rule_ids`: the request's, the same for each of its sessions)."""
+        self.unknown_rule_ids = None
+        counting = bool(rules) and count_rules and UNKNOWN_RULE_IDS in self.output_names
+        arrays = self._infer_raw(sessions, k, [*names, *([UNKNOWN_RULE_IDS] if counting else [])], rules)
         if arrays is not None:  # the served K: the outputs are [B, K] whatever k a request asks for
             self.served_k = int(arrays[0].reshape(len(sessions), -1).shape[1])
+            if counting:
+                counts = arrays.pop().reshape(len(sessions), 2)[0]
+                self.unknown_rule_ids = {"exclude": int(counts[0]), "include": int(counts[1])}
         return arrays
 
-    def explain(self, sessions: Sequence[Sequence[str]], k: int = 10) -> list[list[Explained]]:
+    def explain(self, sessions: Sequence[Sequence[str]], k: int = 10, *, exclude: Sequence[str] | None = None,
+                include: Sequence[str] | None = None) -> list[list[Explained]]:
         """`recommend`'s answers with each item's per-branch contributions and the branch that drove it."""
-        return self._explain(sessions, k, False)[0]
+        return self._explain(sessions, k, False, rule_lists(exclude, include))[0]
 
-    def explain_with_unknown(self, sessions: Sequence[Sequence[str]], k: int = 10
+    def explain_with_unknown(self, sessions: Sequence[Sequence[str]], k: int = 10, *,
+                             exclude: Sequence[str] | None = None, include: Sequence[str] | None = None
                              ) -> tuple[list[list[Explained]], list[int] | None]:
         """`explain`'s answers and the `unknown_ids` counts of `recommend_with_unknown`."""
-        return self._explain(sessions, k, self.counts_unknown)
+        return self._explain(sessions, k, self.counts_unknown, rule_lists(exclude, include))
 
-    def _explain(self, sessions, k: int, counted: bool) -> tuple[list[list[Explained]], list[int] | None]:
+    def _explain(self, sessions, k: int, counted: bool, rules: dict) -> tuple[list[list[Explained]], list[int] | None]:
         branches = self.branches
         if not branches:
             raise ValueError(f"model {self.model_name!r} has no per-branch outputs ({CONTRIBUTION}<branch>): "
                              "export the RUN again with this version of odmt")
         arrays = self._infer(sessions, k, [*self.outputs, *(CONTRIBUTION + b for b in branches),
-                                           *([UNKNOWN_IDS] if counted else [])])
+                                           *([UNKNOWN_IDS] if counted else [])], rules, count_rules=counted)
         if arrays is None:
             return [], ([] if counted else None)
         B = len(sessions)
@@ -246,6 +307,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                          "as written (no spaces around the commas)")
     session.add_argument("--items-json", help='the session as a JSON list of raw item IDs, e.g. \'["a,b", " 7"]\' '
                                               "(for IDs holding commas)")
+    for rule, what in (("exclude", "never recommend these items"), ("include", "recommend only among these items")):
+        group = parser.add_mutually_exclusive_group()
+        group.add_argument(f"--{rule}", metavar="ID,ID,...", help=f"{what}: comma-separated raw item IDs (IDs the "
+                                                                   "served catalog does not hold are ignored and counted)")
+        group.add_argument(f"--{rule}-json", metavar="JSON", help=f"--{rule} as a JSON list of raw item IDs, for IDs "
+                                                                  "holding commas")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--protocol", choices=("http", "grpc"), default="http")
     parser.add_argument("--model", default="executor_model")
@@ -278,24 +345,66 @@ def format_explained(recs: list[Explained], branches: list[str]) -> str:
     return "\n".join(lines)
 
 
-def session_items(args: argparse.Namespace) -> list[str]:
-    """The session's raw IDs exactly as given (IDs are strings: no trimming, no number conversion)."""
-    if args.items_json is not None:
+def id_list(flag: str, text: str | None, json_text: str | None) -> list[str] | None:
+    """A list of raw IDs from `--flag a,b,c` or `--flag-json '["a,b", " 7"]'`, exactly as written (IDs are
+    strings: no trimming, no number conversion); None when neither is given."""
+    if json_text is not None:
         try:
-            items = json.loads(args.items_json)
+            items = json.loads(json_text)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"--items-json is not valid JSON ({exc})") from exc
+            raise ValueError(f"--{flag}-json is not valid JSON ({exc})") from exc
         if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
-            raise ValueError("--items-json must be a JSON list of strings")
-    else:
-        items = [i for i in args.items.split(",") if i != ""]
+            raise ValueError(f"--{flag}-json must be a JSON list of strings")
+        return items
+    return None if text is None else [i for i in text.split(",") if i != ""]
+
+
+def session_items(args: argparse.Namespace) -> list[str]:
+    """The session's raw IDs exactly as given."""
+    items = id_list("items", args.items, args.items_json)
     if not items:
         raise ValueError("the session is empty: give at least one item ID")
     return items
 
 
+def rule_items(args: argparse.Namespace) -> tuple[list[str] | None, list[str] | None]:
+    """(--exclude IDs, --include IDs) as given, None where the flag is absent; an empty list is refused."""
+    out = []
+    for rule in ("exclude", "include"):
+        ids = id_list(rule, getattr(args, rule, None), getattr(args, f"{rule}_json", None))
+        if ids is not None and not ids:
+            raise ValueError(f"--{rule} holds no item IDs: give at least one, or leave --{rule} out")
+        out.append(ids)
+    return out[0], out[1]
+
+
+def rule_notes(unknown: dict[str, int] | None, exclude: list[str] | None, include: list[str] | None) -> list[str]:
+    """The stderr notes for rule IDs the served catalog does not hold (they were ignored)."""
+    notes = []
+    for rule, ids in (("exclude", exclude), ("include", include)):
+        n = (unknown or {}).get(rule, 0)
+        if ids and n:
+            notes.append(f"odmt recommend: note: {n} of {len(ids)} --{rule} item IDs are not in the served catalog "
+                         "(ignored)")
+    return notes
+
+
+def served_capability(args: argparse.Namespace, read, part: str, lacking: str, flags: str):
+    """What `read()` says the served model offers (from its metadata); a ValueError naming the way out when
+    the metadata cannot be read or the model lacks it (a repository exported before `flags` existed)."""
+    try:
+        offered = read()
+    except Exception as exc:
+        raise ValueError(f"cannot read model {args.model!r}'s {part}: {exc}") from exc
+    if not offered:
+        raise ValueError(f"model {args.model!r} on {args.url} {lacking}: export the RUN again with this version "
+                         f"of odmt to use {flags}")
+    return offered
+
+
 def run(args: argparse.Namespace) -> int:
     items = session_items(args)
+    exclude, include = rule_items(args)
     if args.k < 1:
         raise ValueError(f"--k must be >= 1, got {args.k}")
     try:
@@ -310,22 +419,20 @@ def run(args: argparse.Namespace) -> int:
         if not ready:
             raise ConnectionError(f"model {args.model!r} is not ready on {args.url}")
         if args.explain:
-            try:
-                branches = client.branches
-            except Exception as exc:
-                raise ValueError(f"cannot read model {args.model!r}'s outputs: {exc}") from exc
-            if not branches:
-                raise ValueError(f"model {args.model!r} on {args.url} serves no per-branch outputs: export the RUN "
-                                 "again with this version of odmt to use --explain")
+            branches = served_capability(args, lambda: client.branches, "outputs", "serves no per-branch outputs",
+                                         "--explain")
+        if exclude is not None or include is not None:
+            served_capability(args, lambda: client.takes_rules, "inputs", "takes no business rules",
+                              "--exclude / --include")
         try:
             answer = client.explain_with_unknown if args.explain else client.recommend_with_unknown
-            answers, unknown = answer([items], k=args.k)
+            answers, unknown = answer([items], k=args.k, exclude=exclude, include=include)
             recs = answers[0]
         except Exception as exc:
             raise ValueError(f"inference failed: {exc}") from exc
     note = unknown_note(1, unknown[0], len(items)) if unknown else None
-    if note:
-        print(note, file=sys.stderr)
+    for line in [*([note] if note else []), *rule_notes(client.unknown_rule_ids, exclude, include)]:
+        print(line, file=sys.stderr)
     served_k = getattr(client, "served_k", None)
     if served_k is not None and served_k < args.k:
         print(f"odmt recommend: note: the server answers at most {served_k} items per session (the repository was "

@@ -18,6 +18,10 @@ hands it several, and it reads inputs as if `max_batch_size` were 0. This subcla
     computed only when a request of the run asked for them: the operator's `requested` is set to the
     union of the requests' `requested_output_names()` before each run, and each response holds just what
     its request asked for. (A request that names no outputs asks for all of them, as Triton defines it.)
+  * business rules: an operator's `rule_inputs` (OdmtPredict: `exclude_ids`, `include_ids`) are optional
+    inputs of one flat list per request (raw IDs, [1, N]). They are read here, not through the merlin graph,
+    and handed to the operator as `rules`, one {input: IDs} per session (a request's sessions share its
+    dict), or None when no request of the run sent any: a run without rules sets one attribute, nothing else.
 
 export.py copies this file into the model repository as executor_model/1/model.py.
 """
@@ -61,8 +65,13 @@ class TritonPythonModel(MerlinExecutorModel):
         if bad:
             raise pb_utils.TritonModelException(f"ragged outputs are not supported by this executor: {bad}")
         # operators whose optional outputs are skipped unless asked for (duck-typed: ops are pickled by value)
-        self.explainers = [n.op for n in postorder_iter_nodes(self.ensemble.graph.output_node)
-                           if getattr(n.op, "optional_outputs", None)]
+        ops = [n.op for n in postorder_iter_nodes(self.ensemble.graph.output_node)]
+        self.explainers = [op for op in ops if getattr(op, "optional_outputs", None)]
+        # operators that take per-request rules, and the rule inputs config.pbtxt declares (older repositories:
+        # none, and Triton refuses a request that sends an undeclared input)
+        self.rule_takers = [op for op in ops if getattr(op, "rule_inputs", None)]
+        inputs = {i["name"] for i in config.get("input", [])}
+        self.rule_inputs = list(dict.fromkeys(n for op in self.rule_takers for n in op.rule_inputs if n in inputs))
 
     # -- reading one request ---------------------------------------------------------------------
     def _tensor(self, request, name):
@@ -75,6 +84,14 @@ class TritonPythonModel(MerlinExecutorModel):
                 raise RequestError(f"{name}: send one batch entry per request (shape [1, ...]), got {list(array.shape)}")
             array = array[0]
         return array
+
+    def _rules(self, request) -> dict | None:
+        """One request's rule inputs that it sent -> {input: raw IDs [N]}, or None when it sent none."""
+        rules = {}
+        for name in self.rule_inputs:
+            if pb_utils.get_input_tensor_by_name(request, name) is not None:
+                rules[name] = self._tensor(request, name).reshape(-1)
+        return rules or None
 
     def _read(self, request) -> tuple[dict, int]:
         """One request -> ({column: values or (values, offsets)}, number of sessions)."""
@@ -122,12 +139,18 @@ class TritonPythonModel(MerlinExecutorModel):
             out[name] = np.zeros([0, *dims], dtype=col.dtype.to_numpy)
         return out
 
-    def _run(self, parts: list[dict], rows: list[int], wanted: list[set]) -> list[dict]:
+    def _run(self, parts: list[dict], rows: list[int], wanted: list[set], rules: list) -> list[dict]:
         """Runs the graph once on the merged sessions and splits its outputs back per request, each
-        request getting the outputs it asked for (`wanted`); optional ones run only if one asked."""
+        request getting the outputs it asked for (`wanted`); optional ones run only if one asked.
+        rules: each request's rule inputs (None: it sent none), handed to the operators per session."""
         asked = frozenset().union(*wanted)
         for op in self.explainers:
             op.requested = asked
+        per_session = None
+        if any(r is not None for r in rules):
+            per_session = [r for r, n in zip(rules, rows) for _ in range(n)]
+        for op in self.rule_takers:
+            op.rules = per_session
         if sum(rows) == 0:
             outputs = self._empty_outputs()
         else:
@@ -152,15 +175,16 @@ class TritonPythonModel(MerlinExecutorModel):
 
     def execute(self, requests):
         responses = [None] * len(requests)
-        pending = []  # (request position, its columns, its number of sessions, the outputs it asked for)
+        pending = []  # (request position, its columns, its number of sessions, the outputs it asked for, its rules)
         for i, request in enumerate(requests):
             try:
                 columns, n = self._read(request)
+                rules = self._rules(request) if self.rule_inputs else None
             except RequestError as exc:
                 responses[i] = self._error(str(exc), invalid_request=True)
                 continue
             asked = set(request.requested_output_names()) or set(self.output_names)  # none named: all
-            pending.append((i, columns, n, asked))
+            pending.append((i, columns, n, asked, rules))
         for group in self._groups(pending):
             self._answer(group, responses)
         return responses
@@ -179,14 +203,14 @@ class TritonPythonModel(MerlinExecutorModel):
             yield group
 
     def _answer(self, group, responses) -> None:
-        parts, rows, wanted = [g[1] for g in group], [g[2] for g in group], [g[3] for g in group]
+        parts, rows, wanted, rules = ([g[j] for g in group] for j in (1, 2, 3, 4))
         try:
-            results = self._run(parts, rows, wanted)
+            results = self._run(parts, rows, wanted, rules)
         except Exception:  # noqa: BLE001 - find the request that failed, answer the others
             results = []
-            for part, n, w in zip(parts, rows, wanted):
+            for part, n, w, r in zip(parts, rows, wanted, rules):
                 try:
-                    results.append(self._run([part], [n], [w])[0])
+                    results.append(self._run([part], [n], [w], [r])[0])
                 except Exception as exc:  # noqa: BLE001
                     results.append(exc)
         for (i, *_), result in zip(group, results):

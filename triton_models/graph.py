@@ -13,6 +13,11 @@ appended (the workflow transform would map them to OOV, so it is refused).
 Wire contract (model `executor_model`; triton_models/client.py speaks it):
     inputs   item_id-list__values   BYTES  [1, N]    raw item IDs (UTF-8) of all sessions of the request
              item_id-list__offsets  INT32  [1, B+1]  session b = values[offsets[b]:offsets[b+1]]
+             exclude_ids            BYTES  [1, E]    OPTIONAL business rule: raw IDs never returned to any
+                                                     session of the request
+             include_ids            BYTES  [1, I]    OPTIONAL business rule: only these raw IDs may be returned
+                                                     (fewer than K left: padding); unknown IDs in either list
+                                                     are ignored and counted in `unknown_rule_ids`
     outputs  item_ids               BYTES  [1, B, K] raw item IDs, best first; b"" pads
              scores                 FP32   [1, B, K] descending; -inf where the ID is b""
              contribution_<branch>  FP32   [1, B, K] OPTIONAL, one per branch in the fused score (id, text,
@@ -24,6 +29,8 @@ Wire contract (model `executor_model`; triton_models/client.py speaks it):
                                     hold (fast: the whole session; workflow: the last L items it keeps). Sent only
                                     to requests that name it or name no outputs; a session of unknown IDs only is
                                     answered from OOV tokens alone: not personalised.
+             unknown_rule_ids       INT32  [1, B, 2] the raw IDs of the request's exclude_ids / include_ids that
+                                    the served catalog does not hold (ignored); 0 and 0 without rules.
 The leading 1 is the request's batch entry: the executor declares `max_batch_size: 64` so Triton's
 dynamic batcher can merge concurrent requests, and the executor scores all their sessions in one
 graph run. `--max-batch-size 0` keeps merlin's unbatched shapes ([N], [B+1], [B, K]), no batching.
@@ -37,6 +44,7 @@ from pathlib import Path
 
 MODEL_NAME = "executor_model"
 TRANSFORMS = ("fast", "workflow")
+RULE_INPUTS = ("exclude_ids", "include_ids")  # triton_models.predict.RULE_INPUTS: optional, one list per request
 from odmt_t4r.contract import ITEM_LIST as INPUT, run_data_dir, run_item_ids  # noqa: E402
 
 
@@ -132,11 +140,24 @@ def graph_chain(ensemble) -> list:
             and type(n.op).__name__ != "SelectionOp"]
 
 
+def declare_rule_inputs(config) -> None:
+    """Adds the optional business-rule inputs to the executor's config.pbtxt (a ModelConfig message): merlin
+    declares only the graph's input columns, and Triton refuses a request input its config does not name."""
+    import tritonclient.grpc.model_config_pb2 as mc
+
+    present = {tensor.name for tensor in config.input}
+    for name in RULE_INPUTS:
+        if name not in present:
+            config.input.append(mc.ModelInput(name=name, data_type=mc.TYPE_STRING, dims=[-1], optional=True))
+
+
 def wire_contract(cfg: ServingConfig) -> dict:
     lead = "1, " if cfg.max_batch_size > 0 else ""  # one batch entry per request when Triton batches
     return {"model": MODEL_NAME, "max_batch_size": cfg.max_batch_size,
             "inputs": {f"{INPUT}__values": f"BYTES [{lead}N] raw item IDs, UTF-8",
-                       f"{INPUT}__offsets": f"INT32 [{lead}B+1] session b = values[offsets[b]:offsets[b+1]]"},
+                       f"{INPUT}__offsets": f"INT32 [{lead}B+1] session b = values[offsets[b]:offsets[b+1]]",
+                       "exclude_ids": f"BYTES [{lead}E] optional: raw IDs never returned (the whole request)",
+                       "include_ids": f"BYTES [{lead}I] optional: only these raw IDs may be returned"},
             "outputs": {"item_ids": f"BYTES [{lead}B, {cfg.k}] best first, b'' pads",
                         "scores": f"FP32 [{lead}B, {cfg.k}] descending, -inf where the ID is b''",
                         "contribution_<branch>": f"FP32 [{lead}B, {cfg.k}] optional, computed only when requested: "
@@ -144,4 +165,6 @@ def wire_contract(cfg: ServingConfig) -> dict:
                                                  "lift of the item over an average catalog item; the largest drove it",
                         "unknown_ids": f"INT32 [{lead}B, 1] the session's raw IDs not in the served catalog"
                                        + (" (counted over the whole session)" if cfg.transform == "fast" else
-                                          " (among the last max_length items the workflow keeps)")}}
+                                          " (among the last max_length items the workflow keeps)"),
+                        "unknown_rule_ids": f"INT32 [{lead}B, 2] the request's exclude_ids / include_ids not in "
+                                            "the served catalog (ignored)"}}

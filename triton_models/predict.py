@@ -19,6 +19,15 @@ libtorch backend. Per request:
               passed on from the fast lookup (the whole request), else counted here as the OOV indices
               among the items the workflow kept (its last L). Always computed (a cumsum); a client that
               does not name it does not receive it.
+    unknown_rule_ids  int32  [B, 2]   how many raw IDs of the request's exclude_ids / include_ids lists the
+              served catalog does not hold (they are ignored); 0 without rules.
+
+Business rules (per request, optional inputs the executor hands over as `rules`, one entry per session):
+    exclude_ids  raw IDs never returned;  include_ids  only these may be returned.
+The answer is the unrestricted ranking with those items removed (same items, order and scores: the
+retriever applies the rule before its top-k, odmt_t4r/model/retrieval.py); an include list leaving fewer
+than K items gets padding. The raw IDs are resolved against the served catalog here, for both transforms,
+so the rules need no column in the merlin graph. An empty session's popularity answer obeys them too.
 
 The contributions are computed only when the executor says a request asked for them (`requested`, set
 per graph run from the requests' requested outputs); otherwise `transform` returns zero-stride
@@ -54,6 +63,8 @@ from merlin.table import TensorTable
 ITEM_IDS, SCORES = "item_ids", "scores"
 CONTRIBUTION = "contribution_"  # + branch name: the optional per-branch outputs
 UNKNOWN_IDS = "unknown_ids"  # triton_models.vocab_lookup.UNKNOWN_IDS: unknown raw IDs per session
+EXCLUDE_IDS, INCLUDE_IDS = RULE_INPUTS = ("exclude_ids", "include_ids")  # optional inputs: raw IDs per request
+UNKNOWN_RULE_IDS = "unknown_rule_ids"  # INT32 [B, 2]: the rule lists' raw IDs not in the served catalog
 ARTIFACT_DIR = "odmt_model"  # under the executor model's ensemble/ folder
 SERVED_ITEMS = "served_items.json"  # artifact: the raw IDs this version serves, index order from 3 on
 from odmt_t4r.contract import ITEM_LIST, OOV, RESERVED_ROWS, RUN_CONFIG, RUN_WEIGHTS, RunFolder, last_items  # noqa: E402
@@ -63,6 +74,8 @@ SERVED_RUN_FILES = (RUN_CONFIG, *RUN_WEIGHTS)  # what the executor ships of a RU
 
 class OdmtPredict(BaseOperator):
     """Merlin operator: encoded sessions -> top-k raw item IDs and scores (see the module docstring)."""
+
+    rule_inputs = RULE_INPUTS  # the executor reads these optional request inputs and sets `rules` per graph run
 
     def __init__(self, run_dir: str | os.PathLike, item_ids: Sequence[str], k: int = 10,
                  data_dir: str | os.PathLike | None = None, input_column: str = ITEM_LIST,
@@ -86,6 +99,10 @@ class OdmtPredict(BaseOperator):
         self._popular: tuple[np.ndarray, np.ndarray] | None = None
         self.explained = explained_branches(self.run_dir)  # the branches with a contribution output
         self.requested: frozenset[str] | None = None  # outputs to compute; None = all (in-process use)
+        # per graph run: one {rule input: raw IDs} per session (a request's sessions share one dict), or None
+        self.rules: list[dict | None] | None = None
+        self._catalog_index = None  # pandas Index of the served raw IDs (bytes), built at load
+        self._popular_order: np.ndarray | None = None  # every item by popularity, for rules on empty sessions
         self._explainer = None  # BranchExplainer and raw ID -> index, built on the first explanation
 
     # -- model lifecycle -------------------------------------------------------------------------
@@ -94,6 +111,9 @@ class OdmtPredict(BaseOperator):
         state["_model"] = None  # the weights travel as artifacts, not inside ensemble.pkl
         state["_popular"] = None
         state["_explainer"] = None
+        state["_catalog_index"] = None
+        state["_popular_order"] = None
+        state["rules"] = None
         return state
 
     def save_artifacts(self, artifact_path: str | os.PathLike | None = None) -> None:
@@ -143,8 +163,11 @@ class OdmtPredict(BaseOperator):
         self.jit_status = trace_sequence_encoders(model) if self.jit else "off"
         pop = model.log_popularity.detach().cpu().numpy().astype(np.float64).copy()
         pop[:RESERVED_ROWS] = -np.inf
-        order = np.argsort(-pop, kind="stable")[: self.k]
+        everything = np.argsort(-pop, kind="stable")[: len(pop) - RESERVED_ROWS]
+        order = everything[: self.k]
         self._popular = (order, pop[order].astype(np.float32))
+        self._popular_order = everything
+        self._catalog_index = catalog_index(self.item_ids)
         self._model = model
         self.recommend(np.zeros(1, dtype=np.int64), np.array([0, 1], dtype=np.int64))  # warm up torch
 
@@ -159,8 +182,14 @@ class OdmtPredict(BaseOperator):
         """values/offsets -> right-padded [B L] int64: each session's last L items, left-aligned."""
         return last_items(values, offsets, self.model.config.max_length)
 
-    def recommend(self, values: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Encoded sessions (values/offsets) -> (raw IDs object [B K], scores float32 [B K])."""
+    def recommend(self, values: np.ndarray, offsets: np.ndarray, rules=None) -> tuple[np.ndarray, np.ndarray]:
+        """Encoded sessions (values/offsets) -> (raw IDs object [B K], scores float32 [B K]); rules: business
+        rules in raw IDs, {"exclude_ids": [...], "include_ids": [...]} for every session or one such dict
+        (or None) per session (`session_rules`)."""
+        B = np.asarray(offsets).size - 1
+        return self._recommend(values, offsets, self.session_rules(rules, B)[0])
+
+    def _recommend(self, values: np.ndarray, offsets: np.ndarray, rules) -> tuple[np.ndarray, np.ndarray]:
         import torch
 
         model = self.model
@@ -171,18 +200,84 @@ class OdmtPredict(BaseOperator):
         if B == 0:
             return ids, scores
         with torch.inference_mode():
-            top_scores, top_idx = model.recommend(torch.from_numpy(hist), k=K)
+            top_scores, top_idx = model.recommend(torch.from_numpy(hist), k=K, rules=rules)
         top_scores, top_idx = top_scores.numpy(), top_idx.numpy()
         n = top_idx.shape[1]
         found = np.isfinite(top_scores)  # fewer unseen items than K: those slots stay padding
         ids[:, :n] = np.where(found, self.item_ids[top_idx], b"")
         scores[:, :n] = np.where(found, top_scores, -np.inf)
         empty = hist[:, 0] == 0
-        if empty.any():
-            order, pop = self._popular
-            ids[empty, : len(order)] = self.item_ids[order]
-            scores[empty, : len(order)] = pop
+        for row in np.flatnonzero(empty):
+            order, pop = self._popular if rules is None or rules[row] is None else self._popular_under(rules[row])
+            ids[row], scores[row] = b"", -np.inf
+            ids[row, : len(order)] = self.item_ids[order]
+            scores[row, : len(order)] = pop
         return ids, scores
+
+    # -- business rules --------------------------------------------------------------------------
+    def session_rules(self, rules, batch: int) -> tuple[list | None, np.ndarray]:
+        """Raw-ID rules (None, one dict for every session, or one dict or None per session) -> (one
+        retrieval.ItemRules or None per session, None when no session has one; INT32 [B, 2] the unknown IDs
+        of each session's exclude and include lists). Sessions sharing a dict share its ItemRules."""
+        unknown = np.zeros((batch, 2), dtype=np.int32)
+        if rules is None:
+            return None, unknown
+        per_session = [rules] * batch if isinstance(rules, dict) else list(rules)
+        if len(per_session) != batch:
+            raise ValueError(f"rules: one per session ({batch}), got {len(per_session)}")
+        resolved: dict[int, tuple] = {}
+        out = []
+        for row, lists in enumerate(per_session):
+            if lists is None:
+                out.append(None)
+                continue
+            if id(lists) not in resolved:
+                resolved[id(lists)] = self._item_rules(lists)
+            rule, unknown[row] = resolved[id(lists)]
+            out.append(rule)
+        return (None if all(r is None for r in out) else out), unknown
+
+    def _item_rules(self, lists: dict):
+        """{"exclude_ids": raw IDs, "include_ids": raw IDs} -> (ItemRules over index rows, [unknown exclude,
+        unknown include]); a list that is absent or None is no rule, an empty include list allows nothing."""
+        import torch
+
+        from odmt_t4r.model.retrieval import ItemRules
+
+        unexpected = set(lists) - set(RULE_INPUTS)
+        if unexpected:
+            raise ValueError(f"unknown rule lists {sorted(unexpected)}; known: {list(RULE_INPUTS)}")
+        rows, unknown = {}, []
+        for name in RULE_INPUTS:
+            raw = lists.get(name)
+            if raw is None:
+                rows[name] = None
+                unknown.append(0)
+                continue
+            found = self.catalog_rows(raw)
+            unknown.append(int(np.sum(found < 0)))
+            rows[name] = torch.from_numpy(found[found >= 0])
+        if rows[EXCLUDE_IDS] is None and rows[INCLUDE_IDS] is None:
+            return None, unknown
+        return ItemRules(exclude=rows[EXCLUDE_IDS], include=rows[INCLUDE_IDS]), unknown
+
+    def catalog_rows(self, raw) -> np.ndarray:
+        """Raw item IDs (UTF-8 bytes as Triton sends them, or str) -> int64 index rows, -1 where unknown."""
+        if self._catalog_index is None:
+            self._catalog_index = catalog_index(self.item_ids)
+        raw = np.asarray(raw, dtype=object).reshape(-1)
+        if raw.size and not isinstance(raw[0], bytes):  # in-process callers pass str
+            raw = np.array([str(v).encode("utf-8") for v in raw.tolist()], dtype=object)
+        found = self._catalog_index.get_indexer(raw)  # a C hash lookup: ~10x a dict loop at 10^5 IDs
+        return np.where(found >= 0, found + RESERVED_ROWS, -1).astype(np.int64)
+
+    def _popular_under(self, rule) -> tuple[np.ndarray, np.ndarray]:
+        """The popularity answer of an empty session (`_popular`) restricted to what `rule` allows."""
+        self.model  # noqa: B018 - loads the popularity order
+        allowed = rule.allowed(len(self.item_ids)).numpy()
+        order = self._popular_order[allowed[self._popular_order]][: self.k]
+        pop = self.model.log_popularity.detach().cpu().numpy()[order].astype(np.float32)
+        return order, pop
 
     @staticmethod
     def unknown_ids(transformable: TensorTable, values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -233,8 +328,10 @@ class OdmtPredict(BaseOperator):
             offsets = np.arange(values.shape[0] + 1, dtype=np.int64) * (values.shape[1] if values.ndim > 1 else 1)
         else:
             values, offsets = col.values, col.offsets
-        ids, scores = self.recommend(values, offsets)
-        out = {ITEM_IDS: ids, SCORES: scores, UNKNOWN_IDS: self.unknown_ids(transformable, values, offsets)}
+        rules, unknown_rules = self.session_rules(self.rules, np.asarray(offsets).size - 1)
+        ids, scores = self._recommend(values, offsets, rules)
+        out = {ITEM_IDS: ids, SCORES: scores, UNKNOWN_IDS: self.unknown_ids(transformable, values, offsets),
+               UNKNOWN_RULE_IDS: unknown_rules}
         optional = self.optional_outputs
         if self.requested is None or not self.requested.isdisjoint(optional):
             out.update(self.explain(values, offsets, ids))
@@ -256,6 +353,7 @@ class OdmtPredict(BaseOperator):
             ColumnSchema(SCORES, dtype=np.float32, dims=(None, self.k)),
             *(ColumnSchema(name, dtype=np.float32, dims=(None, self.k)) for name in self.optional_outputs),
             ColumnSchema(UNKNOWN_IDS, dtype=np.int32, dims=(None, 1)),
+            ColumnSchema(UNKNOWN_RULE_IDS, dtype=np.int32, dims=(None, 2)),
         ])
 
     @property
@@ -264,6 +362,13 @@ class OdmtPredict(BaseOperator):
 
     def __repr__(self) -> str:
         return f"OdmtPredict(run_dir={self.run_dir!r}, k={self.k}, items={len(self.item_ids) - RESERVED_ROWS})"
+
+
+def catalog_index(item_ids: np.ndarray):
+    """pandas Index of the served raw IDs (bytes, index rows from RESERVED_ROWS on): a C hash table."""
+    import pandas as pd
+
+    return pd.Index(item_ids[RESERVED_ROWS:], dtype=object)
 
 
 def explained_branches(run_dir: str | os.PathLike) -> list[str]:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from odmt_t4r.contract import RunFolder
 from odmt_t4r.output_folder import fault_point
-from triton_models.graph import MODEL_NAME, ServingConfig, wire_contract
+from triton_models.graph import MODEL_NAME, ServingConfig, declare_rule_inputs, wire_contract
 
 FORMAT = "odmt-triton-repo/1"
 
@@ -55,6 +55,7 @@ def _tune_executor(config, cfg: ServingConfig) -> None:
 
     # merlin writes KIND_AUTO and no batching (runtimes/triton/runtime.py `_executor_model_export`)
     _set_instances(config, cfg.instances)
+    declare_rule_inputs(config)  # optional inputs outside the merlin graph (executor_model.py reads them)
     config.parameters["max_sessions_per_run"].string_value = str(cfg.max_sessions_per_run)
     if cfg.max_batch_size > 0:
         config.max_batch_size = cfg.max_batch_size

@@ -419,14 +419,17 @@ class OdmtRecommender(nn.Module):
 
     @torch.no_grad()
     def recommend(self, history: torch.Tensor, k: int = 10, exclude_history: bool = True,
-                  branch: str = "fused") -> tuple[torch.Tensor, torch.Tensor]:
+                  branch: str = "fused", rules=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k (scores [B k], item indices [B k]) for each history; the history's items excluded.
         The fused top-k goes through `retriever()` (exact in item blocks, or an HNSW index for a large
-        catalog: retrieval.py), so memory stays bounded and a served model answers the same."""
+        catalog: retrieval.py), so memory stays bounded and a served model answers the same.
+        rules: business rules (retrieval.ItemRules, for every session or one per session), fused only."""
         if branch == "fused":
             history = clip_history(history.long(), self.config.max_length)
             excluded = history if exclude_history else torch.zeros_like(history[:, :1])
-            return self.retriever().search(self.session_states(history), excluded, k)
+            return self.retriever().search(self.session_states(history), excluded, k, rules)
+        if rules is not None:
+            raise ValueError(f"business rules apply to the fused ranking, not branch={branch!r}")
         s = self.score(history)[branch].clone()
         if exclude_history:
             s.scatter_(1, history.long(), float("-inf"))  # pads hit column 0, which is -inf already
