@@ -22,6 +22,7 @@ COMMANDS = {
     "train": ("odmt_t4r.training.command", "train odmt / sasrec / late-fusion or a model selection on a prepared DIR into RUN"),
     "evaluate": ("odmt_t4r.training.evaluate", "full-ranking HR/NDCG of a RUN on the valid or test split"),
     "add-items": ("odmt_t4r.catalog_update", "add new catalog items to a trained RUN from their content (no retraining)"),
+    "update": ("odmt_t4r.training.update", "warm-start a trained RUN on a newer prepared DIR (new items, new interactions) into RUN2"),
     "export": ("triton_models.export", "export a RUN as a Triton model repository (merlin-systems ensemble)"),
     "serve": ("triton_models.server", "start a real Triton server on a model repository"),
     "recommend": ("triton_models.client", "ask a running server for recommendations"),

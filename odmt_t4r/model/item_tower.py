@@ -61,6 +61,17 @@ class _ItemTower(nn.Module):
         """The content init of ID vectors, [U D], from looked-up features (their CLS tokens)."""
         return torch.stack([self.proj[m](feats[m][:, 0]) for m in self.content]).mean(0)
 
+    @torch.no_grad()
+    def new_id_vectors(self, feats: dict[str, torch.Tensor], n_new: int, n_index: int, seed: int = 0) -> torch.Tensor:
+        """ID vectors [n_new D] for items a trained tower has not seen (odmt add-items, odmt update), by the rule at
+        training start: the content init from their looked-up `feats`, or (xavier ID init, or no content: SASRec)
+        xavier-normal's scale for an [n_index D] table, drawn reproducibly from `seed`."""
+        if self.cfg.id_init == "content" and self.content:
+            return self.content_id_vectors(feats)
+        d = self.id_embedding.weight.shape[1]
+        std = (2.0 / (n_index + d)) ** 0.5
+        return torch.randn(n_new, d, generator=torch.Generator().manual_seed(seed)) * std
+
     def forward(self, item_idx: torch.Tensor) -> dict[str, torch.Tensor]:
         """item_idx [U] -> {modality: [U D]}, content features read from the ModalityStore."""
         if self.content and self.store is None:

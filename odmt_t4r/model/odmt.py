@@ -300,11 +300,7 @@ class OdmtRecommender(nn.Module):
         state = {k: v.detach().clone() for k, v in self.state_dict().items()}
         if "id" in c.modalities:
             weight = state["item_tower.id_embedding.weight"]
-            if c.id_init == "content" and tower.content:
-                new_id = tower.content_id_vectors(feats)
-            else:  # xavier-normal's scale for the grown [N+M D] table, drawn reproducibly
-                std = (2.0 / (N + n_new + weight.shape[1])) ** 0.5
-                new_id = torch.randn(n_new, weight.shape[1], generator=torch.Generator().manual_seed(seed)) * std
+            new_id = tower.new_id_vectors(feats, n_new, N + n_new, seed)
             state["item_tower.id_embedding.weight"] = torch.cat([weight, new_id.to(weight.dtype)])
         counts = torch.full((n_new,), float(assumed_count))
         for name, value in (("train_count", counts), ("log_popularity", torch.log(counts.clamp(min=1.0)))):

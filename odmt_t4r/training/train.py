@@ -43,6 +43,7 @@ import torch
 
 from odmt_t4r.flags import flag, typed
 from odmt_t4r.model import OdmtConfig, build_model, model_registry
+from odmt_t4r.model.prepared import PreparedInfo
 from odmt_t4r.output_folder import atomic_write, fault_point
 from odmt_t4r.trust import write_run_manifest
 
@@ -165,6 +166,21 @@ class TrainConfig:
         return asdict(self)
 
 
+@dataclass
+class WarmStart:
+    """Where a run starts from instead of a fresh initialisation (`odmt update`, training/update.py): `weights`, a
+    state dict of the model the TrainConfig builds on the prepared DIR, and `record`, top-level config.json keys
+    that say where they came from (`parent_run`). A run resumed from its checkpoint restores that instead."""
+
+    weights: dict[str, torch.Tensor]
+    record: dict = field(default_factory=dict)
+
+
+def fresh_model(cfg: TrainConfig, info: PreparedInfo):
+    """The model `cfg` trains, freshly initialised for a prepared DIR."""
+    return build_model(cfg.model, info, **{k: v for k, v in asdict(cfg.model_config).items() if k not in OdmtConfig.DERIVED})
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -222,11 +238,13 @@ def _load_checkpoint(path: Path) -> dict:
 
 
 def train_run(cfg: TrainConfig, data_dir: str | os.PathLike, out: str | os.PathLike, resume: bool = False,
-              epochs: int | None = None, log=_log_to_stderr, until: int | None = None) -> dict:
+              epochs: int | None = None, log=_log_to_stderr, until: int | None = None,
+              warm_start: WarmStart | None = None) -> dict:
     """Train into `out`; returns {"best_epoch", "best": valid metrics, "epochs_run", "stopped", "paused", "fusion"}
     ("fusion" is None when paused: the final fusion is chosen when the run ends).
     With `resume`, the RUN's saved TrainConfig is used (only `epochs` and `progress` may change).
-    `until`: pause after this many epochs (a later resume continues; the budget and the schedule stay)."""
+    `until`: pause after this many epochs (a later resume continues; the budget and the schedule stay).
+    `warm_start`: the weights to start from (a run resumed from its checkpoint restores those instead)."""
     out = Path(out)
     cfg = TrainConfig.from_dict(cfg.to_dict())  # a copy: the caller's config is not changed
     if _check_out(out, resume):
@@ -243,20 +261,20 @@ def train_run(cfg: TrainConfig, data_dir: str | os.PathLike, out: str | os.PathL
     cfg.validate()
     torchrun = distributed.from_environment()
     if cfg.nproc > 1 and torchrun is None:  # local processes; rank 0 leaves its summary in the RUN
-        distributed.spawn(_train_worker, cfg.nproc, cfg, str(data_dir), str(out), resume, until)
+        distributed.spawn(_train_worker, cfg.nproc, cfg, str(data_dir), str(out), resume, until, warm_start)
         return json.loads((out / SUMMARY).read_text())
     threads_before = torch.get_num_threads()
     torch.set_num_threads(max(1, cfg.threads))
     try:
-        return _train(cfg, data_dir, out, resume, ckpt_path, log, torchrun or distributed.Ranks(), until)
+        return _train(cfg, data_dir, out, resume, ckpt_path, log, torchrun or distributed.Ranks(), until, warm_start)
     finally:
         torch.set_num_threads(threads_before)
 
 
 def _train_worker(ranks: distributed.Ranks, cfg: TrainConfig, data_dir: str, out: str, resume: bool,
-                  until: int | None = None) -> None:
+                  until: int | None = None, warm_start: WarmStart | None = None) -> None:
     torch.set_num_threads(max(1, cfg.threads))
-    _train(cfg, data_dir, Path(out), resume, Path(out) / "checkpoint.pt", _log_to_stderr, ranks, until)
+    _train(cfg, data_dir, Path(out), resume, Path(out) / "checkpoint.pt", _log_to_stderr, ranks, until, warm_start)
 
 
 def _valid_metrics(results: dict, branches: list[str]) -> tuple[dict, dict]:
@@ -270,12 +288,12 @@ def _valid_metrics(results: dict, branches: list[str]) -> tuple[dict, dict]:
 
 
 def _train(cfg: TrainConfig, data_dir, out: Path, resume: bool, ckpt_path: Path, log,
-           ranks: distributed.Ranks, until: int | None = None) -> dict | None:
+           ranks: distributed.Ranks, until: int | None = None, warm_start: WarmStart | None = None) -> dict | None:
     """The loop, top to bottom: set up (or restore), then per epoch train, validate, log, checkpoint."""
     seed_everything(cfg.seed)
     if not ranks.main:
         log = _quiet  # rank 0 speaks and writes for the group
-    run = _Training(cfg, PreparedData(data_dir), out, ckpt_path, log, ranks)
+    run = _Training(cfg, PreparedData(data_dir), out, ckpt_path, log, ranks, warm_start)
     run.start(resume)
     state = run.state
     for epoch in range(state["epoch"] + 1, min(cfg.epochs, until or cfg.epochs)):
@@ -300,10 +318,11 @@ class _Training:
     """One training run's parts (model, optimizer, weight average, state) and its steps, for `_train`."""
 
     def __init__(self, cfg: TrainConfig, data: PreparedData, out: Path, ckpt_path: Path, log,
-                 ranks: distributed.Ranks):
+                 ranks: distributed.Ranks, warm_start: WarmStart | None = None):
         self.cfg, self.data, self.out, self.ckpt_path, self.log, self.ranks = cfg, data, out, ckpt_path, log, ranks
-        self.model = model = build_model(cfg.model, data.info, **{k: v for k, v in asdict(cfg.model_config).items()
-                                                                 if k not in OdmtConfig.DERIVED})
+        self.model = model = fresh_model(cfg, data.info)
+        if warm_start is not None:  # before the optimizer and the weight average take the weights
+            model.load_state_dict(warm_start.weights)
         self.device = device = cfg.torch_device(ranks.local_rank)
         model.to(device)
         self.optimizer = _optimizer(model, cfg)
@@ -321,7 +340,8 @@ class _Training:
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")  # fp16 needs loss scaling
         self.run_info = {"format": RUN_FORMAT, "train": cfg.to_dict(),
                          "data": {"dir": str(data.root), "manifest_sha256": data.info.manifest_sha256,
-                                  "source": data.info.manifest.get("source")}}
+                                  "source": data.info.manifest.get("source")},
+                         **(warm_start.record if warm_start is not None else {})}
         self.branches = model.branch_names
         self.state = {"epoch": -1, "best_metric": -math.inf, "best_epoch": -1, "best": {}, "bad_epochs": 0,
                       "stopped": False, "incumbent": None, "branch_best": {}}
