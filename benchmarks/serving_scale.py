@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/serving_scale.py [--sizes 3000 10000 100000 1000000] [--requests 300]
                                                  [--clients 8] [--per-client 100] [--work benchmarks/work/scale]
+    .venv/bin/python benchmarks/serving_scale.py --only-rules --sizes 10000 1000000 --baseline-ref REF
 
 For each catalog size N it builds (and keeps in --work, for the next run):
   * a prepared DIR (`odmt prepare --source csv`) of N items and 2,000 users with random sessions;
@@ -16,7 +17,15 @@ and measures
     concurrency 8 (HTTP and gRPC, one session per request, the fast transform), as benchmarks/serving.py does;
   * recall@10 of the served answers against the exact top-k (history excluded) on --recall-sessions sessions;
   * at the largest N: peak RSS of full-catalog evaluation (training/streaming.py: the per-epoch fusion grid
-    and evaluate_model on one batch of 512 users; the peak is per batch) in a fresh process.
+    and evaluate_model on one batch of 512 users; the peak is per batch) in a fresh process;
+  * business rules (`rules`, at sizes >= 10,000; `--only-rules` measures nothing else): one server, requests
+    interleaved at concurrency 1 over HTTP: no rule, a 1% include list and a 50% exclude list (random catalog
+    items, the same list on every request, as raw IDs); each case's p50/p99 and p99 over the unfiltered p99
+    of the same run; recall@10 of the served filtered answers against the exact filtered top-k. The rule's
+    input is encoded once per case (its client-side cost is reported apart: a Python client pays it per
+    request unless it keeps the encoded list). With `--baseline-ref REF`, a repository exported by the code
+    at git REF (a worktree in --work) is served beside it and its requests interleaved too: the no-rule
+    overhead of this code against REF's, in the same run.
 Prints a table and writes benchmarks/results/serving_scale.json. The load generator shares the 2 cores
 with the server; the load average is recorded before and after.
 """
@@ -40,7 +49,9 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.serving import concurrency_1, concurrency_n, load_average, percentiles  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "serving_scale.json"
-GOALS = {"p50_ms": 5.0, "p99_ms": 10.0, "recall_at_10": 0.99, "small_p50_ms": 2.0, "eval_peak_rss_gb": 4.0}
+RESULTS_RULES = Path(__file__).parent / "results" / "serving_scale_rules.json"  # --only-rules
+GOALS = {"p50_ms": 5.0, "p99_ms": 10.0, "recall_at_10": 0.99, "small_p50_ms": 2.0, "eval_peak_rss_gb": 4.0,
+         "rules_p99_ratio": 2.0, "no_rule_overhead": 1.05}
 USERS, SESSION_LENGTH, D_MODEL, BRANCHES = 2_000, 12, 64, ("id", "text", "image")
 EF_SWEEP = (64, 128, 256, 512, 1024)
 
@@ -239,6 +250,217 @@ def served(run: Path, data: Path, work: Path, sessions: list, args) -> dict:
     return entry
 
 
+# -- business rules ----------------------------------------------------------------------------------
+
+RULE_CASES = {"include_1pct": ("include_ids", 0.01), "exclude_50pct": ("exclude_ids", 0.5)}
+
+
+def rule_ids(data: Path, seed: int = 0) -> dict[str, list[str]]:
+    """{case: raw IDs}: random catalog items, `RULE_CASES`' fraction of the catalog each."""
+    from odmt_t4r.contract import catalog_item_ids
+
+    ids = [i for i in catalog_item_ids(data) if i]
+    rng = np.random.default_rng(seed)
+    return {case: [ids[j] for j in np.sort(rng.choice(len(ids), max(1, int(frac * len(ids))), replace=False))]
+            for case, (_, frac) in RULE_CASES.items()}
+
+
+def baseline_repo(ref: str, run: Path, data: Path, work: Path, k: int) -> tuple[Path, str, Path]:
+    """(a repository exported by the code at git `ref`, its commit, the worktree): a worktree of `ref` in `work`
+    exports it, and its executor imports that code (the venv's editable install points at this checkout)."""
+    sha = subprocess.run(["git", "rev-parse", ref], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    tree, repo = work / f"baseline-{sha[:10]}", work / f"baseline-{sha[:10]}-repo"
+    if not tree.is_dir():
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), sha], cwd=ROOT, check=True,
+                       capture_output=True)
+    code = ("import sys; from triton_models.export import ServingConfig, export; "
+            f"export({str(run)!r}, {str(repo)!r}, ServingConfig(k={k}), data_dir={str(data)!r}, check_sessions=20, "
+            "log=lambda m: None, force=True)")
+    env = {**os.environ, "PYTHONPATH": str(tree)}  # before site-packages' editable finder
+    subprocess.run([sys.executable, "-c", code], cwd=tree, env=env, check=True)
+    model_py = repo / "executor_model" / "1" / "model.py"
+    future = "from __future__ import annotations\n"  # must stay first; the graph is unpickled later, in initialize
+    model_py.write_text(model_py.read_text().replace(future, f"{future}import sys\nsys.path.insert(0, {str(tree)!r})\n", 1))
+    return repo, sha, tree
+
+
+def _rule_input(name: str, ids: list[str]):
+    import tritonclient.http as httpclient
+
+    array = np.array([[i.encode("utf-8") for i in ids]], dtype=np.object_)
+    tensor = httpclient.InferInput(name, list(array.shape), "BYTES")
+    tensor.set_data_from_numpy(array, binary_data=True)
+    return tensor
+
+
+def _session_inputs(session: list[str]):
+    import tritonclient.http as httpclient
+
+    from triton_models.client import encode_sessions
+
+    out = []
+    for name, array, dtype in zip(("item_id-list__values", "item_id-list__offsets"), encode_sessions([session]),
+                                  ("BYTES", "INT32")):
+        tensor = httpclient.InferInput(name, [1, *array.shape], dtype)
+        tensor.set_data_from_numpy(array[None], binary_data=True)
+        out.append(tensor)
+    return out
+
+
+def interleaved(urls: dict[str, str], cases: dict[str, list], sessions: list, n: int) -> dict:
+    """{case: latency percentiles}: case = (server, rule inputs); each round sends one request per case, in
+    a shuffled order, one session each, at concurrency 1."""
+    import tritonclient.http as httpclient
+
+    clients = {name: httpclient.InferenceServerClient(url, network_timeout=300) for name, url in urls.items()}
+    outputs = [httpclient.InferRequestedOutput(o, binary_data=True) for o in ("item_ids", "scores")]
+    inputs = [_session_inputs(s) for s in sessions[: min(n, len(sessions))]]
+    lat = {case: [] for case in cases}
+    rng = np.random.default_rng(0)
+    try:
+        for j in range(n + 10):
+            for case in rng.permutation(list(cases)):
+                server, rule = cases[case]
+                t = time.perf_counter()
+                clients[server].infer("executor_model", inputs[j % len(inputs)] + rule, outputs=outputs)
+                if j >= 10:  # the first rounds warm up connections and caches
+                    lat[case].append(time.perf_counter() - t)
+    finally:
+        for client in clients.values():
+            client.close()
+    return {case: {**percentiles(v), "requests": len(v)} for case, v in lat.items()}
+
+
+def filtered_recall(run: Path, data: Path, url: str, sessions: list, lists: dict, k: int) -> dict:
+    """{case: recall@10 of the served answers under the rule against the exact filtered top-k}."""
+    import torch
+
+    from odmt_t4r.contract import catalog_item_ids
+    from odmt_t4r.model import OdmtRecommender
+    from odmt_t4r.model.retrieval import ItemRules
+    from triton_models.client import RecommenderClient
+
+    torch.set_num_threads(1)
+    model = OdmtRecommender.from_pretrained(run, data_dir=data)
+    model.set_retrieval({"index": "exact"})
+    ids = catalog_item_ids(data)
+    index = {raw: i for i, raw in enumerate(ids) if raw}
+    hist = encoded_histories(data, sessions, model.config.max_length)
+    out = {}
+    with RecommenderClient(url) as client:
+        for case, (name, _) in RULE_CASES.items():
+            rows = torch.tensor([index[i] for i in lists[case]])
+            rule = ItemRules(**{name.split("_")[0]: rows})
+            served_, hits = [], []
+            for c in range(0, len(sessions), 50):
+                served_ += client.recommend(sessions[c:c + 50], k, **{name.split("_")[0]: lists[case]})
+                with torch.inference_mode():
+                    scores, idx = model.recommend(hist[c:c + 50], k, rules=rule)
+                for answer, row, srow in zip(served_[c:], idx.tolist(), scores.tolist()):
+                    exact = {ids[i] for i, x in zip(row, srow) if np.isfinite(x)}
+                    hits.append(len({i for i, _ in answer} & exact) / max(1, len(exact)))
+            out[case] = {"recall_at_10": round(float(np.mean(hits)), 4), "sessions": len(hits),
+                         "short_answers": int(sum(len(a) < k for a in served_))}
+    return out
+
+
+def rules_benchmark(run: Path, data: Path, work: Path, sessions: list, args) -> dict:
+    """The business-rule cases at one catalog size (see the module docstring)."""
+    from triton_models.export import ServingConfig, export
+    from triton_models.server import TritonServer
+
+    lists = rule_ids(data)
+    repo = work / "repo"
+    export(run, repo, ServingConfig(k=args.k), data_dir=data, check_sessions=20, log=lambda m: None, force=True)
+    entry = {"lists": {case: len(v) for case, v in lists.items()}}
+    rule_inputs = {}
+    for case, (name, _) in RULE_CASES.items():
+        t = time.perf_counter()
+        rule_inputs[case] = [_rule_input(name, lists[case])]
+        entry.setdefault("client_encode_ms", {})[case] = round(1e3 * (time.perf_counter() - t), 1)
+    entry["in_process_ms"] = rules_in_process(run, data, sessions[:20], lists, args.k)
+    baseline, tree = None, None
+    if args.baseline_ref:
+        baseline, entry["baseline_commit"], tree = baseline_repo(args.baseline_ref, run, data, work, args.k)
+    try:
+        with TritonServer(repo, log_file=work / "tritonserver.log", timeout=3600) as server:
+            if baseline is not None:  # its own phase: the rule requests' memory traffic stays out of it
+                with TritonServer(baseline, log_file=work / "tritonserver-baseline.log", timeout=3600) as old:
+                    log(f"  no rule, this code and {args.baseline_ref}'s, interleaved: {args.rules_requests} rounds")
+                    entry["no_rule_vs_baseline"] = interleaved({"new": server.http_url, "baseline": old.http_url},
+                                                               {"none": ("new", []), "none_baseline": ("baseline", [])},
+                                                               sessions, args.rules_requests)
+            cases = {"none": ("new", []), **{case: ("new", inputs) for case, inputs in rule_inputs.items()}}
+            log(f"  rules: {', '.join(cases)} interleaved, {args.rules_requests} rounds")
+            entry["latency"] = interleaved({"new": server.http_url}, cases, sessions, args.rules_requests)
+            entry["recall"] = filtered_recall(run, data, server.http_url, sessions[: args.rules_recall_sessions],
+                                              lists, args.k)
+    finally:
+        if tree is not None:  # the worktree's git metadata leaves with it
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False,
+                           capture_output=True)
+    lat = entry["latency"]
+    entry["p99_over_unfiltered"] = {case: round(lat[case]["p99_ms"] / lat["none"]["p99_ms"], 2) for case in RULE_CASES}
+    if "no_rule_vs_baseline" in entry:
+        both = entry["no_rule_vs_baseline"]
+        entry["no_rule_over_baseline"] = {q: round(both["none"][q] / both["none_baseline"][q], 3)
+                                          for q in ("p50_ms", "p99_ms", "mean_ms")}
+    return entry
+
+
+def rules_in_process(run: Path, data: Path, sessions: list, lists: dict, k: int) -> dict:
+    """Where a rule's server time goes, in-process (1 thread, p50 ms over `sessions`): resolving its raw IDs
+    (OdmtPredict.catalog_rows on the UTF-8 bytes Triton delivers) and the search under it (retrieval.py)."""
+    import torch
+
+    from odmt_t4r.contract import catalog_item_ids
+    from odmt_t4r.model import OdmtRecommender
+    from odmt_t4r.model.retrieval import ItemRules
+    from triton_models.predict import catalog_index
+
+    torch.set_num_threads(1)
+    model = OdmtRecommender.from_pretrained(run, data_dir=data)
+    ids = np.array([i.encode("utf-8") for i in catalog_item_ids(data)], dtype=object)
+    index = catalog_index(ids)
+    hist = encoded_histories(data, sessions, model.config.max_length)
+    retriever = model.retriever()
+    with torch.inference_mode():
+        queries = [retriever.queries(model.session_states(hist[i:i + 1])) for i in range(len(hist))]
+    out = {}
+    for case, (name, _) in RULE_CASES.items():
+        raw = np.array([i.encode("utf-8") for i in lists[case]], dtype=object)
+        resolve, search = [], []
+        for i in range(len(hist)):
+            t = time.perf_counter()
+            rows = torch.from_numpy(index.get_indexer(raw) + 3)
+            resolve.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            retriever.top_k(*queries[i], hist[i:i + 1], k, ItemRules(**{name.split("_")[0]: rows}))
+            search.append(time.perf_counter() - t)
+        out[case] = {"resolve_ids": percentiles(resolve)["p50_ms"], "search": percentiles(search)["p50_ms"]}
+    plain = []
+    for i in range(len(hist)):
+        t = time.perf_counter()
+        retriever.top_k(*queries[i], hist[i:i + 1], k)
+        plain.append(time.perf_counter() - t)
+    out["none"] = {"search": percentiles(plain)["p50_ms"]}
+    return out
+
+
+def rules_line(n: int, e: dict) -> str:
+    lat = e["latency"]
+    cases = "; ".join(f"{case} ({e['lists'][case]:,} IDs) p50 {lat[case]['p50_ms']:.2f} p99 {lat[case]['p99_ms']:.2f} ms "
+                      f"= {e['p99_over_unfiltered'][case]}x, recall@10 {e['recall'][case]['recall_at_10']:.4f}"
+                      for case in RULE_CASES)
+    base = ""
+    if "no_rule_over_baseline" in e:
+        a, b = e["no_rule_vs_baseline"]["none"], e["no_rule_vs_baseline"]["none_baseline"]
+        base = (f" | no rule, own phase: p50 {a['p50_ms']:.2f} p99 {a['p99_ms']:.2f} ms, baseline {e['baseline_commit'][:7]} "
+                f"p50 {b['p50_ms']:.2f} p99 {b['p99_ms']:.2f} ms: {e['no_rule_over_baseline']['p50_ms']}x p50, "
+                f"{e['no_rule_over_baseline']['p99_ms']}x p99")
+    return (f"{n:>9,} items | rules: none p50 {lat['none']['p50_ms']:.2f} p99 {lat['none']['p99_ms']:.2f} ms; {cases}{base}")
+
+
 def eval_peak_rss(run: Path, data: Path) -> dict:
     """Full-catalog evaluation (the per-epoch fusion grid + evaluate_model) on one batch, in a fresh process."""
     cmd = [sys.executable, __file__, "--eval-rss", str(run), str(data)]
@@ -307,9 +529,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recall-sessions", type=int, default=500)
     p.add_argument("--work", default=str(ROOT / "benchmarks" / "work" / "scale"))
     p.add_argument("--no-eval-rss", action="store_true", help="skip the evaluation memory measurement")
-    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--only-rules", action="store_true", help="measure the business-rule cases only")
+    p.add_argument("--no-rules", action="store_true", help="skip the business-rule cases")
+    p.add_argument("--rules-requests", type=int, default=300, help="interleaved rounds of the rule cases")
+    p.add_argument("--rules-recall-sessions", type=int, default=200)
+    p.add_argument("--baseline-ref", help="git ref whose code serves the no-rule baseline beside this code's")
+    p.add_argument("--out", help=f"default {RESULTS.name} ({RESULTS_RULES.name} with --only-rules)")
     p.add_argument("--eval-rss", nargs=2, metavar=("RUN", "DIR"), help=argparse.SUPPRESS)  # the child process
     args = p.parse_args(argv)
+    args.out = args.out or str(RESULTS_RULES if args.only_rules else RESULTS)
     if args.eval_rss:
         _eval_rss_child(*args.eval_rss)
         return 0
@@ -332,16 +560,23 @@ def main(argv: list[str] | None = None) -> int:
         data = synthetic_dir(work, n)
         run = synthetic_run(data, work / f"run-{n}")
         sessions = example_sessions(data, 1000, seed=1)
-        kinds = ["exact", "hnsw"] if n >= 10_000 else ["exact"]
-        entry = {"in_process": in_process(run, data, sessions, args.in_process_requests, args.k, kinds)}
-        gc.collect()
-        entry["served"] = served(run, data, work / f"serve-{n}", sessions, args)
-        entry["served"]["retrieval"] = "hnsw" if n > RetrievalConfig().exact_max_items else "exact"
-        if n == max(args.sizes) and not args.no_eval_rss:
-            log("  streaming evaluation: peak RSS")
-            entry["evaluation"] = eval_peak_rss(run, data)
+        entry = {}
+        if not args.only_rules:
+            kinds = ["exact", "hnsw"] if n >= 10_000 else ["exact"]
+            entry["in_process"] = in_process(run, data, sessions, args.in_process_requests, args.k, kinds)
+            gc.collect()
+            entry["served"] = served(run, data, work / f"serve-{n}", sessions, args)
+            entry["served"]["retrieval"] = "hnsw" if n > RetrievalConfig().exact_max_items else "exact"
+            if n == max(args.sizes) and not args.no_eval_rss:
+                log("  streaming evaluation: peak RSS")
+                entry["evaluation"] = eval_peak_rss(run, data)
+            log(f"  {one_line(n, entry, args.clients)}")
+        if n >= 10_000 and not args.no_rules:
+            gc.collect()
+            entry["rules"] = rules_benchmark(run, data, work / f"rules-{n}", sessions, args)
+            entry["rules"]["retrieval"] = "hnsw" if n > RetrievalConfig().exact_max_items else "exact"
+            log(f"  {rules_line(n, entry['rules'])}")
         result["sizes"][str(n)] = entry
-        log(f"  {one_line(n, entry, args.clients)}")
     result["machine"]["load_average_after"] = load_average()
     result["goals"] = goal_check(result, args.clients)
     print(table(result, args.clients))
@@ -380,18 +615,37 @@ def goal_check(result: dict, clients: int) -> dict:
     if "evaluation" in sizes.get("1000000", {}):
         out["1M_evaluation"] = {"peak_rss_gb": entry(sizes["1000000"]["evaluation"]["peak_rss_gb"],
                                                      GOALS["eval_peak_rss_gb"])}
+    for n, e in sizes.items():
+        if "rules" in e:
+            r = e["rules"]
+            goals = {f"{case}_p99_over_unfiltered": entry(r["p99_over_unfiltered"][case], GOALS["rules_p99_ratio"])
+                     for case in RULE_CASES}
+            goals.update({f"{case}_recall_at_10": entry(r["recall"][case]["recall_at_10"], GOALS["recall_at_10"], True)
+                          for case in RULE_CASES})
+            if "no_rule_over_baseline" in r:
+                goals["no_rule_p50_over_baseline"] = entry(r["no_rule_over_baseline"]["p50_ms"],
+                                                           GOALS["no_rule_overhead"])
+            out[f"{int(n):,}_rules"] = goals
     return out
 
 
 def table(result: dict, clients: int) -> str:
     m = result["machine"]
     lines = [f"serving at scale: {result['model']['name']}, {result['model']['fused_dims']} fused dims, k={result['k']}, "
-             f"{m['cpus']} CPUs, load average {m['load_average_before']} before / {m['load_average_after']} after",
-             "in-process (batch 1, 1 thread, ms p50): search alone (exact / hnsw); recommend as before (full matrix) "
-             "and now",
-             f"{'items':>9} | {'exact':>7} {'hnsw':>6} | {'full rec':>8} {'rec now':>7} | {'served':>6} {'proto':>5} "
-             f"{'c=1 p50':>8} {'p99':>6} {'c=' + str(clients) + ' req/s':>10} | {'recall@10':>9}"]
+             f"{m['cpus']} CPUs, load average {m['load_average_before']} before / {m['load_average_after']} after"]
+    if any("served" in e for e in result["sizes"].values()):
+        lines += ["in-process (batch 1, 1 thread, ms p50): search alone (exact / hnsw); recommend as before (full "
+                  "matrix) and now",
+                  f"{'items':>9} | {'exact':>7} {'hnsw':>6} | {'full rec':>8} {'rec now':>7} | {'served':>6} {'proto':>5} "
+                  f"{'c=1 p50':>8} {'p99':>6} {'c=' + str(clients) + ' req/s':>10} | {'recall@10':>9}"]
+    if any("rules" in e for e in result["sizes"].values()):
+        lines.append("business rules, served over HTTP at concurrency 1, requests interleaved (p99 over the unfiltered "
+                     "p99 of the same run; recall@10 against the exact filtered top-k):")
     for n, e in result["sizes"].items():
+        if "rules" in e:
+            lines.append(rules_line(int(n), e["rules"]))
+        if "served" not in e:  # --only-rules
+            continue
         ip, s = e["in_process"], e["served"]
         hnsw = f"{ip['hnsw']['search']['p50_ms']:6.2f}" if "hnsw" in ip else f"{'-':>6}"
         full = f"{ip['full']['recommend']['p50_ms']:8.2f}" if "full" in ip else f"{'-':>8}"

@@ -104,10 +104,7 @@ class ItemRules:
 
     def allowed(self, n_rows: int) -> torch.Tensor:
         """bool [n_rows]: the rows this rule lets through (reserved rows never)."""
-        for name, rows in (("exclude", self.exclude), ("include", self.include)):
-            if rows is not None and len(rows) and not (RESERVED_ROWS <= int(rows.min()) and int(rows.max()) < n_rows):
-                raise ValueError(f"ItemRules.{name} holds rows outside the catalog [{RESERVED_ROWS}, {n_rows}): "
-                                 "give item indices, or raw IDs through the served graph")
+        self._check(n_rows)
         if self.include is None:
             mask = torch.ones(n_rows, dtype=torch.bool)
             mask[:RESERVED_ROWS] = False
@@ -117,6 +114,18 @@ class ItemRules:
         if self.exclude is not None:
             mask[self.exclude.long()] = False
         return mask
+
+    def included_rows(self, n_rows: int) -> torch.Tensor:
+        """Sorted int64: the rows an include rule lets through, without an [n_rows] mask (include only)."""
+        self._check(n_rows)
+        rows = torch.unique(self.include.long())
+        return rows if self.exclude is None else rows[~torch.isin(rows, self.exclude.long())]
+
+    def _check(self, n_rows: int) -> None:
+        for name, rows in (("exclude", self.exclude), ("include", self.include)):
+            if rows is not None and len(rows) and not (RESERVED_ROWS <= int(rows.min()) and int(rows.max()) < n_rows):
+                raise ValueError(f"ItemRules.{name} holds rows outside the catalog [{RESERVED_ROWS}, {n_rows}): "
+                                 "give item indices, or raw IDs through the served graph")
 
 
 def rule_groups(rules, batch: int) -> list[tuple[ItemRules | None, torch.Tensor]] | None:
@@ -204,16 +213,21 @@ class FusedRetriever:
         top_s = torch.full((len(q), k), float("-inf"))
         top_i = torch.zeros((len(q), k), dtype=torch.long)
         for rule, rows in groups:
-            allowed = None if rule is None else rule.allowed(self.items.shape[0])
-            top_s[rows], top_i[rows] = self._search(q[rows], [h[rows] for h in states], excluded[rows], k, allowed)
+            top_s[rows], top_i[rows] = self._search(q[rows], [h[rows] for h in states], excluded[rows], k, rule)
         return top_s, top_i
 
-    def _search(self, q, states, excluded, k, allowed: torch.Tensor | None):
-        """One group of sessions under one rule (allowed: bool [rows], None = every item)."""
+    def _search(self, q, states, excluded, k, rule: ItemRules | None):
+        """One group of sessions under one rule (None: every item)."""
+        n_rows = self.items.shape[0]
         if self._index is None:
-            return self._search_exact(q, states, excluded, k, allowed)
-        if allowed is None:
+            return self._search_exact(q, states, excluded, k, None if rule is None else rule.allowed(n_rows))
+        if rule is None:
             return self._search_hnsw(q, excluded, k)
+        if rule.include is not None:  # a narrow include list needs no [N] mask (1-2 ms at 10^6 items)
+            rows = rule.included_rows(n_rows)
+            if len(rows) <= self.config.rules_exact_max_items:
+                return self._search_subset(q, excluded, k, rows)
+        allowed = rule.allowed(n_rows)
         rows = allowed.nonzero()[:, 0]
         if len(rows) <= self.config.rules_exact_max_items:
             return self._search_subset(q, excluded, k, rows)
