@@ -22,7 +22,10 @@ from pathlib import Path
 
 from odmt_t4r.contract import RunFolder
 from triton_models.checks import check_in_process, edge_sessions, example_sessions
-from triton_models.graph import TRANSFORMS, ServingConfig, build_ensemble, graph_chain
+from odmt_t4r.flags import add_flags, given
+from triton_models.graph import ServingConfig, build_ensemble, graph_chain
+
+EXPORT_FLAGS = ("k", "transform", "max_batch_size", "max_queue_delay_us", "instances")  # ServingConfig fields
 from triton_models.repository import FORMAT, describe, write_models
 
 __all__ = ["FORMAT", "ServingConfig", "export", "checked_ensemble"]
@@ -78,21 +81,14 @@ def _export(run: Path, stage: Path, cfg: ServingConfig, data_dir, check_sessions
 # -- CLI ---------------------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = ServingConfig()
     parser.add_argument("--run", required=True, help="a trained RUN folder (config.json, model.pt)")
     parser.add_argument("--out", required=True, help="the model repository to write (replaced on success, and "
                                                      "only if odmt wrote it)")
     parser.add_argument("--force", action="store_true",
                         help="replace an --out folder odmt did not write: it is moved aside to "
                              "REPO.backup-<time>, never deleted")
-    parser.add_argument("--k", type=int, default=d.k, help="recommendations per session")
-    parser.add_argument("--transform", choices=TRANSFORMS, default=d.transform,
-                        help="fast: vocabulary lookup in the executor; workflow: the saved NVTabular workflow")
     parser.add_argument("--data", default=None, help="prepared DIR (default: the one recorded in the RUN)")
-    parser.add_argument("--max-batch-size", type=int, default=d.max_batch_size,
-                        help="requests Triton may merge per executor call (0: no dynamic batching)")
-    parser.add_argument("--max-queue-delay-us", type=int, default=d.max_queue_delay_us)
-    parser.add_argument("--instances", type=int, default=d.instances, help="CPU instances of the executor model")
+    add_flags(parser, ServingConfig, only=EXPORT_FLAGS)
     parser.add_argument("--check-sessions", type=int, default=100,
                         help="test sessions compared in-process with the model before writing")
 
@@ -100,8 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from triton_models.vocab_lookup import FastPathUnsupported
 
-    cfg = ServingConfig(k=args.k, transform=args.transform, max_batch_size=args.max_batch_size,
-                        max_queue_delay_us=args.max_queue_delay_us, instances=args.instances)
+    cfg = ServingConfig(**given(args, ServingConfig, only=EXPORT_FLAGS))
     try:
         manifest = export(args.run, args.out, cfg, data_dir=args.data, check_sessions=args.check_sessions,
                           force=args.force)

@@ -38,7 +38,7 @@ graph run. `--max-batch-size 0` keeps merlin's unbatched shapes ([N], [B+1], [B,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -46,15 +46,20 @@ MODEL_NAME = "executor_model"
 TRANSFORMS = ("fast", "workflow")
 RULE_INPUTS = ("exclude_ids", "include_ids")  # triton_models.predict.RULE_INPUTS: optional, one list per request
 from odmt_t4r.contract import ITEM_LIST as INPUT, run_data_dir, run_item_ids  # noqa: E402
+from odmt_t4r.flags import flag  # noqa: E402
 
 
 @dataclass
 class ServingConfig:
-    k: int = 10
-    transform: str = "fast"
-    max_batch_size: int = 64  # requests the dynamic batcher may merge into one executor call
-    max_queue_delay_us: int = 0  # 0: batch whatever queued while the instance was busy; no added wait
-    instances: int = 1  # CPU instances of the executor (one stub process each)
+    k: int = field(default=10, metadata=flag("recommendations per session"))
+    transform: str = field(default="fast", metadata=flag(
+        "fast: vocabulary lookup in the executor; workflow: the saved NVTabular workflow", choices=TRANSFORMS))
+    # requests the dynamic batcher may merge into one executor call
+    max_batch_size: int = field(default=64, metadata=flag("requests Triton may merge per executor call (0: no "
+                                                          "dynamic batching)"))
+    # 0: batch whatever queued while the instance was busy; no added wait
+    max_queue_delay_us: int = field(default=0, metadata=flag("microseconds Triton may wait to merge requests"))
+    instances: int = field(default=1, metadata=flag("CPU instances of the executor model (one stub process each)"))
     workflow_instances: int = 1  # CPU instances of the NVTabular workflow model (workflow transform)
     torch_threads: int = 1  # intra-op threads per instance (2 cores: more threads only contend)
     max_sessions_per_run: int = 256  # sessions of merged requests scored together (memory bound)
