@@ -29,9 +29,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from odmt_t4r.contract import FEATURES_DIR, RESERVED_ROWS, PreparedDir
-from odmt_t4r.data.base import DataValidationError, RawData
-from odmt_t4r.prepare import INTERACTIONS, PrepareConfig, PrepareInputs, _step, note_empty_image_cells
+from odmt_t4r.contract import FEATURES_DIR, PREPARED_INTERACTIONS as INTERACTIONS, RESERVED_ROWS, PreparedDir
+from odmt_t4r.data.base import DataValidationError, RawData, note_empty_image_cells
 
 # DIR's settings an append keeps: they decide its indices, splits and features
 INHERITED = ("max_length", "min_interactions", "features", "max_text_tokens", "image_size")
@@ -91,11 +90,11 @@ class ParentDir:
     def n_index(self) -> int:
         return RESERVED_ROWS + len(self.items)
 
-    def settings(self, cfg: PrepareConfig, given: set[str] | None = None) -> PrepareConfig:
-        """`cfg` with DIR's INHERITED settings. One the user set (`given`; None: any that differs from its
-        default) to another value than DIR's is refused: DIR2's indices and features must match DIR's."""
+    def settings(self, cfg, defaults, given: set[str] | None = None):
+        """`cfg` (a PrepareConfig) with DIR's INHERITED settings. One the user set (`given`; None: any that
+        differs from `defaults`) to another value than DIR's is refused: DIR2's indices and features must
+        match DIR's. (prepare.py passes its types in: it imports this module, not the reverse.)"""
         recorded = self.manifest.get("config") or {}
-        defaults = PrepareConfig()
         kept = {}
         for name in INHERITED:
             theirs, mine = recorded.get(name, getattr(defaults, name)), getattr(cfg, name)
@@ -107,12 +106,13 @@ class ParentDir:
             kept[name] = theirs
         return replace(cfg, **kept)
 
-    def inputs(self, cfg: PrepareConfig, stage: Path) -> PrepareInputs:
-        """DIR's interactions and catalog followed by the new ones, the vocabularies grown from DIR's."""
+    def inputs(self, cfg, stage: Path, step) -> dict:
+        """DIR's interactions and catalog followed by the new ones, the vocabularies grown from DIR's: the
+        fields of prepare's PrepareInputs. `step` logs a step of the stage."""
         from odmt_t4r.data.sources import load_new_rows
         from workflows.sessions import ROW_COL, extend_vocabulary, item_vocabulary, user_vocabulary
 
-        _step(f"appending {cfg.interactions}" + (f" and {cfg.items}" if cfg.items else "") + f" to {self.root}")
+        step(f"appending {cfg.interactions}" + (f" and {cfg.items}" if cfg.items else "") + f" to {self.root}")
         new = load_new_rows(cfg.source, cfg.interactions, cfg.items, cfg.timestamp_format)
         late = self._check(new, cfg.allow_late)
         catalog = pd.concat([self._catalog(stage), new.items], ignore_index=True)
@@ -125,10 +125,10 @@ class ParentDir:
         parent = {"dir": str(self.root), "manifest_sha256": self.manifest_sha256,
                   "appended": {"interactions": len(new.interactions), "items": len(new.items),
                                "users": len(users) - len(self.user_vocab), "late_interactions": late}}
-        _step(f"  {parent['appended']['interactions']:,} new interactions ({late:,} late), {len(new.items):,} new items, "
+        step(f"  {parent['appended']['interactions']:,} new interactions ({late:,} late), {len(new.items):,} new items, "
               f"{parent['appended']['users']:,} new users")
-        return PrepareInputs(raw, rows, vocab, users=users, parent_features=self.root / FEATURES_DIR,
-                             parent_n_index=self.n_index, parent=parent)
+        return dict(raw=raw, inter=rows, vocab=vocab, users=users, parent_features=self.root / FEATURES_DIR,
+                    parent_n_index=self.n_index, parent=parent)
 
     def _check(self, new: RawData, allow_late: bool) -> int:
         """Refuses new items already in DIR and interactions with unknown items; returns the count of late

@@ -164,6 +164,7 @@ def last_items(values: np.ndarray, offsets: np.ndarray, width: int | None = None
 
 
 PREPARED_MANIFEST = "manifest.json"  # DIR file: format, source, counts, modalities, max_length, n_index, hashes
+PREPARED_INTERACTIONS = "interactions.parquet"  # DIR file: every interaction the splits hold (--append-to extends it)
 PREPARED_ITEMS = "items.parquet"  # DIR file: the catalog (item_idx, item_id, content columns, train_count)
 FEATURES_DIR = "features"  # DIR folder: the frozen modality features (features/store.py reads it)
 WORKFLOWS_DIR = "workflows"  # DIR folder: the fitted NVTabular workflows (workflows/, the served transform)

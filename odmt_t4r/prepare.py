@@ -39,13 +39,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from odmt_t4r.contract import COLD_DIR, COLD_ITEMS, COLD_TEST, COLD_TEST_COLUMNS, RESERVED_ROWS
+from odmt_t4r.contract import COLD_DIR, COLD_ITEMS, COLD_TEST, COLD_TEST_COLUMNS, PREPARED_INTERACTIONS, RESERVED_ROWS
 from odmt_t4r.contract import PREPARED_FORMAT as FORMAT, read_split  # noqa: F401 (re-exported)
-from odmt_t4r.data.base import RawData
+from odmt_t4r.data.base import RawData, note_empty_image_cells
 from odmt_t4r.data.sources import SOURCES
 from odmt_t4r.flags import add_flags, flag, given
 
-INTERACTIONS = "interactions.parquet"  # DIR file: the interactions the splits hold, what --append-to extends
+INTERACTIONS = PREPARED_INTERACTIONS  # DIR file: the interactions the splits hold, what --append-to extends
 
 
 @dataclass
@@ -228,34 +228,16 @@ def prepare(cfg: PrepareConfig, force: bool = False, given: set[str] | None = No
         from odmt_t4r.append import ParentDir
 
         parent = ParentDir.read(cfg.append_to, cfg.out)  # refuses --out equal to or nested with DIR
-        cfg = parent.settings(cfg, given)
+        cfg = parent.settings(cfg, PrepareConfig(), given)
     with OutputFolder(cfg.out, FORMAT, force=force, what="prepared folder",
                       log=lambda msg: _step(msg)) as folder:
-        inputs = _fresh_inputs(cfg, folder.stage) if parent is None else parent.inputs(cfg, folder.stage)
+        inputs = (_fresh_inputs(cfg, folder.stage) if parent is None
+                  else PrepareInputs(**parent.inputs(cfg, folder.stage, _step)))
         manifest = _prepare(cfg, folder.stage, inputs)
         if parent is not None:
             parent.check_unchanged()  # what DIR2 was built from is still DIR
         folder.commit()
     return manifest
-
-
-def note_empty_image_cells(items: pd.DataFrame, path, notes: dict) -> int:
-    """Counts the catalog items with an empty image cell when others have an image: each gets a zero image
-    feature, as an image that does not decode does. Recorded in `notes` (the manifest's, next to
-    `unreadable_images`) and warned about on stderr in the same words; returns the count."""
-    if "image" not in items.columns:
-        return 0
-    # features/build.py `_present`, without importing torch: a null or blank cell is no image
-    has = items["image"].map(lambda v: not (v is None or (not isinstance(v, str) and pd.isna(v))) and bool(str(v).strip()))
-    if not has.any() or has.all():
-        return 0
-    empty = items.loc[~has, "item_id"].astype(str).tolist()
-    sample = empty[:5]
-    notes["empty_image_cells"] = len(empty)
-    notes["empty_image_cell_sample"] = sample
-    print(f"warning: {path}: {len(empty)} of {len(items)} items have an empty image cell; they get a zero image "
-          f"feature (sample: {sample})", file=sys.stderr)
-    return len(empty)
 
 
 @dataclass

@@ -258,3 +258,22 @@ def _as_string(v) -> str | None:
     if isinstance(v, (bytes, np.bytes_)):
         return bytes(v).decode("utf-8")
     return str(v)
+
+
+def note_empty_image_cells(items: pd.DataFrame, path, notes: dict) -> int:
+    """Counts the catalog items with an empty image cell when others have an image: each gets a zero image
+    feature, as an image that does not decode does. Recorded in `notes` (the manifest's, next to
+    `unreadable_images`) and warned about on stderr in the same words; returns the count."""
+    if "image" not in items.columns:
+        return 0
+    # features/build.py `_present`, without importing torch: a null or blank cell is no image
+    has = items["image"].map(lambda v: not (v is None or (not isinstance(v, str) and pd.isna(v))) and bool(str(v).strip()))
+    if not has.any() or has.all():
+        return 0
+    empty = items.loc[~has, "item_id"].astype(str).tolist()
+    sample = empty[:5]
+    notes["empty_image_cells"] = len(empty)
+    notes["empty_image_cell_sample"] = sample
+    print(f"warning: {path}: {len(empty)} of {len(items)} items have an empty image cell; they get a zero image "
+          f"feature (sample: {sample})", file=sys.stderr)
+    return len(empty)
