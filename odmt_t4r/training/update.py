@@ -156,10 +156,11 @@ def _check_resumed(out: Path, run: Path, record: dict) -> None:
 
 def _lineage(run: Path, parent_dir: Path, upd: UpdateConfig) -> dict:
     """The config.json keys RUN2 records: where its weights came from."""
-    import hashlib
+    from odmt_t4r.output_folder import MANIFEST
+    from odmt_t4r.trust import sha256_file
 
-    manifest = run / "manifest.json"
-    sha = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
+    manifest = run / MANIFEST
+    sha = sha256_file(manifest) if manifest.is_file() else None
     return {"parent_run": str(run), "update": {"parent_manifest_sha256": sha, "parent_data": str(parent_dir),
                                                "settings": asdict(upd)}}
 
