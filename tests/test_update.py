@@ -32,7 +32,7 @@ from odmt_t4r.training import train
 from odmt_t4r.training.data import PreparedData
 from odmt_t4r.training.evaluate import evaluate_model, evaluate_run
 from odmt_t4r.training.selection import train_model
-from odmt_t4r.training.update import (COUNTS, ID_TABLE, UpdateConfig, fine_tune_config, update_run,
+from odmt_t4r.training.update import (COUNTS, ID_TABLE, UpdateConfig, fine_tune_config, served_on, update_run,
                                       warm_start_model)
 from odmt_t4r.trust import verify_run, write_run_manifest
 from tests.synthetic import make_synthetic_prepared
@@ -176,6 +176,37 @@ def test_the_grown_model_holds_runs_weights_and_scores_runs_items_as_run_does(di
     before, after = parent.score(padded(theirs)), model.score(padded(mine))
     for branch in parent.branch_names:
         torch.testing.assert_close(after[branch][:, dst], before[branch][:, src], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["stable", "reordered"])
+def test_served_on_scores_dir2s_catalog_exactly_as_run_with_add_items_does(dirs, run, which):
+    """What promotion and the continual benchmark compare an update with: RUN, its popularity counts kept, DIR2's
+    new items added by add-items' rule (ID vectors, the median count), every item scored on its DIR2 row."""
+    dir2 = getattr(dirs, which)
+    parent, cfg = OdmtRecommender.from_pretrained(run), fine_tune_config(run, OdmtRecommender.from_pretrained(run),
+                                                                          UpdateConfig(), {})
+    served = served_on(run, dir2)
+    theirs, mine = run_item_ids(run), catalog_item_ids(dir2)
+    new_rows = rows_of(mine, NEW_IDS)
+    content = [m for m in parent.config.modalities if m != "id"]
+    store = ModalityStore.load(dir2 / "features", content, layout=parent.config.token_layout()) if content else None
+    count = assumed_train_count("median", parent.train_count[RESERVED_ROWS:].numpy())
+    added = parent.with_added_items(store.lookup(new_rows) if store else {}, len(NEW_IDS), seed=cfg.seed,
+                                    assumed_count=count)
+    ids_added = np.array([*theirs, *NEW_IDS], dtype=object)
+    every = OLD_IDS + NEW_IDS
+    sessions = [["item-3", "item-40"], ["item-31", "item-32", "item-0"]]
+
+    def padded(ids):
+        where = {item: row for row, item in enumerate(ids) if item}
+        flat = [where[i] for s in sessions for i in s]
+        return torch.from_numpy(last_items(np.array(flat), np.cumsum([0] + [len(s) for s in sessions])))
+
+    want, got = added.score(padded(ids_added)), served.score(padded(mine))
+    assert served.train_count[rows_of(mine, NEW_IDS)].tolist() == [count] * len(NEW_IDS)
+    for key in [*parent.branch_names, "fused"]:
+        torch.testing.assert_close(got[key][:, rows_of(mine, every)], want[key][:, rows_of(ids_added, every)],
+                                   rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("preset", ["odmt-imt", "sasrec", "late-fusion", "odmt-auto"])

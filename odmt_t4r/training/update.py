@@ -228,14 +228,17 @@ def item_rows(run: Path, parent_dir: Path, data_dir: Path) -> tuple[np.ndarray, 
     return src, np.array([where[theirs[row]] for row in src], dtype=np.int64), new
 
 
-def warm_start_model(run: Path, parent: OdmtRecommender, info: PreparedInfo, cfg: TrainConfig
-                     ) -> tuple[OdmtRecommender, int, int]:
+def warm_start_model(run: Path, parent: OdmtRecommender, info: PreparedInfo, cfg: TrainConfig,
+                     keep_counts: bool = False) -> tuple[OdmtRecommender, int, int]:
     """The model `cfg` builds on DIR2 (`info`: its features and popularity counts) holding RUN's weights (the ID
     table mapped through the raw IDs, new items' ID vectors by add-items' rule), in eval mode with RUN's fusion;
-    and the counts of carried-over and new items."""
+    and the counts of carried-over and new items. With `keep_counts` the popularity counts are RUN's too, and
+    a new item gets the count `odmt add-items` assumes (the median): RUN as it serves, on DIR2's catalog."""
     src, dst, new = item_rows(run, run_data_dir(run), info.root)
     model = fresh_model(cfg, info)
     fresh, old = model.state_dict(), parent.state_dict()
+    if keep_counts:
+        fresh = {**fresh, **_served_counts(old, fresh, src, dst, new)}
     if set(fresh) != set(old):
         odd = sorted(set(fresh) ^ set(old))
         raise ValueError(f"--run {run}'s weights do not fit a {cfg.model} model on {info.root} (weights {odd[:3]} "
@@ -259,6 +262,29 @@ def warm_start_model(run: Path, parent: OdmtRecommender, info: PreparedInfo, cfg
     model.set_fusion(parent.config.fusion_weights, parent.config.fusion_scores)
     model.eval()
     return model, len(src), len(new)
+
+
+def _served_counts(old: dict, fresh: dict, src: np.ndarray, dst: np.ndarray, new: np.ndarray) -> dict:
+    """RUN's popularity buffers laid out on DIR2's rows; new items at add-items' assumed count (the median)."""
+    from odmt_t4r.catalog_update import assumed_train_count
+
+    count = torch.zeros_like(fresh["train_count"])
+    count[torch.from_numpy(dst)] = old["train_count"][torch.from_numpy(src)]
+    count[torch.from_numpy(new)] = assumed_train_count("median", old["train_count"][torch.from_numpy(src)].numpy())
+    return {"train_count": count, "log_popularity": torch.log(count.clamp(min=1.0))}
+
+
+def served_on(run: str | Path, data_dir: str | Path) -> OdmtRecommender:
+    """RUN as it serves today, scoring DIR2's catalog (eval mode): its weights, fusion and popularity counts, and
+    DIR2's items it lacks added as `odmt add-items` adds them. What an update is compared with on DIR2's
+    validation split (promotion, benchmarks/continual.py's stale arm): the same items, the same rows."""
+    run = Path(run).resolve()
+    parent_dir = run_data_dir(run)
+    info = read_prepared(data_dir)
+    check_same_settings(parent_dir, info.root, run)
+    parent = OdmtRecommender.from_pretrained(run, data_dir=parent_dir)
+    cfg = fine_tune_config(run, parent, UpdateConfig(), {})
+    return warm_start_model(run, parent, info, cfg, keep_counts=True)[0]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
