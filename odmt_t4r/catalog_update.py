@@ -146,9 +146,9 @@ def _add_items(run: Path, items_csv, out, repo, seed, check_sessions, log, assum
     n_trained = len(catalog_item_ids(data_dir))  # the prepared catalog: items with observed train counts
     count = assumed_train_count(assumed_count, model.train_count[RESERVED_ROWS:n_trained].numpy())
     if repo is not None:
-        from triton_models.repository import check_lineage
+        from triton_models.repository import check_lineage, checked_repository
 
-        repo_manifest = _checked_repo(Path(repo))
+        repo_manifest = checked_repository(Path(repo))
         new_ids = [str(i) for i in ids[RESERVED_ROWS:]] + items["item_id"].astype(str).tolist()
         try:
             check_lineage(Path(repo).resolve(), repo_manifest, out, model.config.name, data_dir, new_ids)
@@ -185,17 +185,6 @@ def _add_items(run: Path, items_csv, out, repo, seed, check_sessions, log, assum
         summary["repo"] = str(Path(repo).resolve())
         summary["repo_version"] = _add_to_repo(Path(repo), repo_manifest, out, check_sessions, say, lock)
     return summary
-
-
-def _checked_repo(repo: Path) -> dict:
-    """The repository's manifest, after its full check (what `odmt serve` checks before loading)."""
-    from odmt_t4r.trust import clear_bytecode_caches, verify_folder
-    from triton_models.repository import FORMAT
-
-    if not repo.is_dir():
-        raise FileNotFoundError(f"--repo {repo}: no such model repository (write one with `odmt export`)")
-    clear_bytecode_caches(repo)  # a running server's stubs write them; they are never recorded
-    return verify_folder(repo, FORMAT, "model repository (from odmt export)", strict=True)
 
 
 def _add_to_repo(repo: Path, manifest: dict, run: Path, check_sessions: int, say, lock) -> int:

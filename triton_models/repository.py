@@ -186,6 +186,17 @@ def check_lineage(repo: Path, manifest: dict, run: Path, model: str | None, data
                          f"refusing to drop them. {hint}")
 
 
+def checked_repository(repo: Path) -> dict:
+    """The repository's manifest, after its full check (what `odmt serve` checks before loading); every writer
+    of a live repository (add-items, promote, availability) checks it first."""
+    from odmt_t4r.trust import clear_bytecode_caches, verify_folder
+
+    if not repo.is_dir():
+        raise FileNotFoundError(f"--repo {repo}: no such model repository (write one with `odmt export`)")
+    clear_bytecode_caches(repo)  # a running server's stubs write them; they are never recorded
+    return verify_folder(repo, FORMAT, "model repository (from odmt export)", strict=True)
+
+
 def served_versions(repo: str | Path) -> list[int]:
     """The executor model's version folders, ascending."""
     folder = Path(repo) / MODEL_NAME
