@@ -32,8 +32,8 @@ from odmt_t4r.training import train
 from odmt_t4r.training.data import PreparedData
 from odmt_t4r.training.evaluate import evaluate_model, evaluate_run
 from odmt_t4r.training.selection import train_model
-from odmt_t4r.training.update import (COUNTS, ID_TABLE, UpdateConfig, fine_tune_config, served_on, update_run,
-                                      warm_start_model)
+from odmt_t4r.training.update import (COUNTS, ID_TABLE, UpdateConfig, fine_tune_config, recent_users, served_on,
+                                      update_run, warm_start_model)
 from odmt_t4r.trust import verify_run, write_run_manifest
 from tests.synthetic import make_synthetic_prepared
 from tests.test_append import CountingImage, CountingText, world  # noqa: F401 (world: DIR, its append DIR2, a fresh prepare)
@@ -421,6 +421,45 @@ def test_real_append_and_fresh_prepare_warm_start_alike_and_run2_is_a_whole_run(
 
     manifest = export(run2, tmp_path / "repo", ServingConfig(k=5), check_sessions=5, log=quiet)
     assert manifest["run"] == str(run2.resolve()) and manifest["data_dir"] == str(world.dir2.resolve())
+
+
+def test_the_recent_window_trains_only_the_rows_of_users_with_new_interactions(world, tmp_path, monkeypatch):  # noqa: F811
+    """--window recent: DIR2's users with an interaction DIR lacks (the same raw users whether DIR2 is an append or
+    a fresh prepare), and the fine-tune's batches hold exactly their train rows; the setting survives a resume."""
+    from workflows.sessions import USER_COL, fitted_vocabulary
+
+    from odmt_t4r.contract import PreparedDir
+    vocab_dir = PreparedDir(world.dir2).workflow("train")
+    touched = recent_users(world.dir, world.dir2)
+    vocab = fitted_vocabulary(vocab_dir, USER_COL)
+    assert sorted(str(vocab[r - RESERVED_ROWS]) for r in touched) == ["u0", "u2", "u6", "u7", "u9"]
+    fresh_vocab = fitted_vocabulary(PreparedDir(world.fresh).workflow("train"), USER_COL)
+    assert sorted(str(fresh_vocab[r - RESERVED_ROWS]) for r in recent_users(world.dir, world.fresh)) == \
+        ["u0", "u2", "u6", "u7", "u9"]
+    with pytest.raises(ValueError, match="no interaction"):
+        recent_users(world.dir, world.dir)
+
+    run = tmp_path / "run"
+    train.train_run(train.TrainConfig.from_dict({**FAST, "batch_size": 4, "epochs": 1}), world.dir, run, log=quiet)
+    seen: list[tuple] = []
+    forward = OdmtRecommender.forward
+
+    def spy(self, items, *args, **kwargs):
+        seen.extend(tuple(int(i) for i in row if i) for row in items)
+        return forward(self, items, *args, **kwargs)
+
+    monkeypatch.setattr(OdmtRecommender, "forward", spy)
+    update_run(run, world.dir2, tmp_path / "run2", {"epochs": 1, "window": "recent", "progress": False}, log=quiet)
+    split = pd.read_parquet(PreparedDir(world.dir2).split("train") / "part_0.parquet")
+    width = read_prepared(world.dir2).max_length + 1
+    rows = [(u, tuple(int(i) for i in items[-width:])) for u, items in zip(split["user_idx"], split[ITEM_LIST])]
+    want = sorted(row for u, row in rows if u in set(touched.tolist()))
+    assert want and sorted(seen) == want  # exactly the touched users' rows, once each (one epoch)
+    assert len(want) < len(rows)
+    assert RunFolder(tmp_path / "run2").config()["update"]["settings"]["window"] == "recent"
+    seen.clear()  # resumed without --window: RUN2's own window, not the default
+    update_run(run, world.dir2, tmp_path / "run2", {"epochs": 2, "progress": False}, resume=True, log=quiet)
+    assert sorted(seen) == want
 
 
 def test_fine_tuning_starts_from_the_grown_model(dirs, run, tmp_path):

@@ -174,6 +174,7 @@ class WarmStart:
 
     weights: dict[str, torch.Tensor]
     record: dict = field(default_factory=dict)
+    train_users: torch.Tensor | None = None  # int64 user indices: train on their rows only (None: every row)
 
 
 def fresh_model(cfg: TrainConfig, info: PreparedInfo):
@@ -321,8 +322,10 @@ class _Training:
                  ranks: distributed.Ranks, warm_start: WarmStart | None = None):
         self.cfg, self.data, self.out, self.ckpt_path, self.log, self.ranks = cfg, data, out, ckpt_path, log, ranks
         self.model = model = fresh_model(cfg, data.info)
+        self.train_users = None
         if warm_start is not None:  # before the optimizer and the weight average take the weights
             model.load_state_dict(warm_start.weights)
+            self.train_users = warm_start.train_users
         self.device = device = cfg.torch_device(ranks.local_rank)
         model.to(device)
         self.optimizer = _optimizer(model, cfg)
@@ -402,8 +405,13 @@ class _Training:
         kd_w = model.task.weight(progress)
         for batch in bar:
             ranks.trace(epoch, batch)
+            items = batch["items"]
+            if self.train_users is not None:  # an update's recent window: only the users with new interactions
+                items = items[torch.isin(batch["user"], self.train_users)]
+                if not len(items):
+                    continue
             with self.amp:
-                outputs = self.step_model(batch["items"].to(self.device), progress=progress)
+                outputs = self.step_model(items.to(self.device), progress=progress)
             optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(outputs["loss"]).backward()
             if cfg.grad_clip:

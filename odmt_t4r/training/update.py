@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +48,7 @@ from .train import TrainConfig, WarmStart, _log_to_stderr, fresh_model, train_ru
 ID_TABLE = "item_tower.id_embedding.weight"  # the learned per-item weights: one row per item index
 COUNTS = ("train_count", "log_popularity")  # per-item buffers, refreshed from DIR2's train counts
 # training settings an update may change (RUN's are kept otherwise; the model's settings always are)
+WINDOWS = ("all", "recent")  # UpdateConfig.window
 TRAIN_FIELDS = ("seed", "batch_size", "eval_batch_size", "weight_decay", "grad_clip", "stop_on", "fusion_every",
                 "fusion_step", "average_epochs", "average_select", "threads", "nproc", "device", "amp")
 
@@ -62,8 +63,13 @@ class UpdateConfig:
     lr: float | None = field(default=None, metadata=flag("the fine-tune's learning rate",
                                                          none="RUN's learning rate x --lr-factor"))
     lr_factor: float = field(default=0.3, metadata=flag("with no --lr: RUN's learning rate times this"))
+    window: str = field(default="all", metadata=flag(
+        "which train rows the fine-tune replays: all (every user's) or recent (only the users with interactions "
+        "that are new in DIR2: cheaper per epoch)", choices=WINDOWS))
 
     def validate(self) -> "UpdateConfig":
+        if self.window not in WINDOWS:
+            raise ValueError(f"--window must be one of {list(WINDOWS)}, not {self.window!r}")
         for name in ("epochs", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -107,6 +113,9 @@ def update_run(run: str | Path, data_dir: str | Path, out: str | Path, settings:
     check_same_settings(parent_dir, info.root, run)
     parent = OdmtRecommender.from_pretrained(run, data_dir=parent_dir)
     cfg = fine_tune_config(run, parent, upd, overrides)
+    if resume:  # the window RUN2 started with (the training settings are restored by train_run)
+        started = ((RunFolder(out).config_or_none() or {}).get("update") or {}).get("settings") or {}
+        upd = replace(upd, window=started.get("window", upd.window))
     record = _lineage(run, parent_dir, upd)
     if resume:
         _check_resumed(out, run, record)
@@ -120,9 +129,13 @@ def update_run(run: str | Path, data_dir: str | Path, out: str | Path, settings:
     log(f"update of {run} ({cfg.model}): {kept:,} items carried over, {new:,} new ones initialised from their "
         f"{'content' if model.config.id_init == 'content' and model.item_tower.content else 'seeded random ID'}"
         + ("" if resume else f"; fine-tuning on {info.root} for up to {cfg.epochs} epochs at lr {cfg.lr:g}"))
+    users = None
+    if upd.window == "recent":
+        users = torch.from_numpy(recent_users(parent_dir, info.root))
+        log(f"recent window: training on the rows of the {len(users):,} users with new interactions")
     summary = train_run(cfg, info.root, out, resume=resume, epochs=settings.get("epochs") if resume else None,
                         log=log, warm_start=WarmStart({k: v.detach().clone() for k, v in model.state_dict().items()},
-                                                      record))
+                                                      record, users))
     return {**(summary or {}), "run": str(out), "parent_run": str(run), "items_kept": kept, "items_new": new}
 
 
@@ -195,6 +208,29 @@ def check_same_settings(parent_dir: Path, data_dir: Path, run: Path) -> None:
                              f"{parent_dir}, the prepared DIR of --run {run}; an update carries RUN's weights over, so "
                              f"DIR2 needs DIR's settings: prepare it with `odmt prepare --append-to {parent_dir}`, or "
                              "train a new model with `odmt train`")
+
+
+def recent_users(parent_dir: Path, data_dir: Path) -> np.ndarray:
+    """DIR2's user indices (int64) of the users with an interaction DIR does not have: the rows the recent window
+    trains on. Interactions are compared as (user, item, timestamp) multisets, so a fresh prepare of all the data
+    works as well as an append."""
+    import pandas as pd
+
+    from odmt_t4r.contract import PREPARED_INTERACTIONS
+    from workflows.sessions import USER_COL, fitted_vocabulary
+
+    key = ["user_id", "item_id", "timestamp"]
+    theirs, mine = (pd.read_parquet(Path(d) / PREPARED_INTERACTIONS, columns=key).astype(str).value_counts()
+                    for d in (parent_dir, data_dir))
+    grown = mine.sub(theirs, fill_value=0)
+    users = set(grown[grown > 0].index.get_level_values("user_id"))
+    vocab = fitted_vocabulary(PreparedDir(data_dir).workflow("train"), USER_COL).astype(str)
+    rows = np.flatnonzero(vocab.isin(users).to_numpy()) + RESERVED_ROWS
+    if not len(rows):
+        raise ValueError(f"--data {data_dir} has no interaction that {parent_dir} lacks (or none of its users with new "
+                         f"ones has enough interactions to train on): nothing for --window recent to train on; "
+                         "use --window all")
+    return rows.astype(np.int64)
 
 
 def fine_tune_config(run: Path, parent: OdmtRecommender, upd: UpdateConfig, overrides: dict) -> TrainConfig:
