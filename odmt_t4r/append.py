@@ -30,6 +30,7 @@ from pathlib import Path
 import pandas as pd
 
 from odmt_t4r.contract import FEATURES_DIR, PREPARED_INTERACTIONS as INTERACTIONS, RESERVED_ROWS, PreparedDir
+from odmt_t4r.data.attributes import attribute_kinds, normalize_attributes
 from odmt_t4r.data.base import DataValidationError, RawData, note_empty_image_cells
 
 # DIR's settings an append keeps: they decide its indices, splits and features
@@ -113,9 +114,11 @@ class ParentDir:
         from workflows.sessions import ROW_COL, extend_vocabulary, item_vocabulary, user_vocabulary
 
         step(f"appending {cfg.interactions}" + (f" and {cfg.items}" if cfg.items else "") + f" to {self.root}")
-        new = load_new_rows(cfg.source, cfg.interactions, cfg.items, cfg.timestamp_format)
+        kinds = attribute_kinds(self.items)  # DIR's attributes keep their kinds; new ones are DIR2's
+        new = load_new_rows(cfg.source, cfg.interactions, cfg.items, cfg.timestamp_format, kinds)
         late = self._check(new, cfg.allow_late)
         catalog = pd.concat([self._catalog(stage), new.items], ignore_index=True)
+        catalog = normalize_attributes(catalog, new.items_path, {**attribute_kinds(new.items), **kinds})
         inter = pd.concat([self.interactions, new.interactions], ignore_index=True)
         raw = RawData(cfg.source, inter, catalog, new.interactions_path, new.items_path, notes=self._notes(new.notes))
         note_empty_image_cells(raw.items, f"{self.root / 'items.parquet'} + {new.items_path}", raw.notes)

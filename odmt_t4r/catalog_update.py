@@ -2,8 +2,8 @@
 
     odmt add-items --run RUN --items new.csv [--out NEWRUN] [--repo REPO]
 
-new.csv has the catalog format (`item_id`, optional `text`, optional `image`: a path, relative to the CSV).
-The command
+new.csv has the catalog format (`item_id`, optional `text`, optional `image`: a path, relative to the CSV,
+and catalog attributes such as a category or a price: data/attributes.py). The command
   1. checks the file: IDs new to the RUN, every content modality the model reads present on every row,
      every image readable (a cold item has nothing but its content, so a gap is an error here);
   2. computes their frozen features with the prepared DIR's feature settings and encoders (and cache);
@@ -13,7 +13,8 @@ The command
      no interactions yet; the popularity prior counts it as a typical item (`--assumed-count median`:
      the median train count of the prepared catalog), since with 0 every trained item outranks it;
   4. writes NEWRUN (default `RUN.v2`, `.v3`, ...): a whole RUN whose item matrices and serving vocabulary
-     end with the new items (contract.ADDED_ITEMS), usable by evaluate, export and recommend;
+     end with the new items (contract.ADDED_ITEMS, with their attributes and a `since`: the file's, else the
+     time add-items ran), usable by evaluate, export and recommend;
   5. with --repo, checks the new graph in-process and adds it to the model repository as the next
      version, which a running `odmt serve` loads without a restart (triton_models/repository.py).
 Any failure before the last step of 5 leaves the repository, and so what is served, as it was.
@@ -39,13 +40,19 @@ from odmt_t4r.contract import (ADDED_ITEMS, RESERVED_ROWS, RUN_FORMAT, RunFolder
 RUN_SIDE_FILES = ("fusion.json",)  # the parent's choices that still describe the new version
 
 
-def read_new_items(path: str | Path, content: list[str], existing: set[str]) -> pd.DataFrame:
-    """The validated new items (item_id, and the `content` columns; image paths resolved)."""
+def read_new_items(path: str | Path, content: list[str], existing: set[str], kinds: dict[str, str] | None = None,
+                   now: pd.Timestamp | None = None) -> pd.DataFrame:
+    """The validated new items (item_id, the `content` columns with image paths resolved, then their catalog
+    attributes in the served catalog's `kinds`, and `since`: the file's, else `now`, the time add-items runs)."""
+    from odmt_t4r.data.attributes import SINCE, attribute_columns, normalize_attributes
     from odmt_t4r.data.base import validate_items
     from odmt_t4r.data.sources import _read_table
 
     notes: dict = {}
     items = validate_items(_read_table(path, "csv"), str(path), check_images=True, notes=notes)
+    items = normalize_attributes(items.assign(**({} if SINCE in items else {SINCE: None})), str(path),
+                                 {**(kinds or {}), SINCE: "date"})
+    items[SINCE] = items[SINCE].fillna(now if now is not None else pd.Timestamp.now(tz="UTC").floor("ms"))  # arrived now
     if notes.get("unreadable_images"):
         raise ValueError(f"{path}: {notes['unreadable_images']} images cannot be read "
                          f"(e.g. {notes['unreadable_image_sample'][:3]}); a new item is scored from its content, "
@@ -61,7 +68,7 @@ def read_new_items(path: str | Path, content: list[str], existing: set[str]) -> 
         if len(missing):
             raise ValueError(f"{path}: {len(missing)} items have no {m} (e.g. {missing.head(3).tolist()}); the "
                              f"model scores new items from their {'/'.join(content)}")
-    return items[["item_id", *content]]
+    return items[["item_id", *content, *attribute_columns(items)]]
 
 
 def new_item_features(items: pd.DataFrame, data_dir: Path, layout, work: Path) -> dict:
@@ -78,6 +85,17 @@ def new_item_features(items: pd.DataFrame, data_dir: Path, layout, work: Path) -
     build_item_features(frame, RESERVED_ROWS + len(items), work / "features", fcfg)
     store = ModalityStore.load(work / "features", content, layout=layout)
     return store.lookup(torch.arange(RESERVED_ROWS, RESERVED_ROWS + len(items)))
+
+
+def served_kinds(run: Path, data_dir: Path) -> dict[str, str]:
+    """{attribute: kind} of the RUN's catalog: the prepared DIR's items, then the items added before."""
+    from odmt_t4r.contract import PreparedDir
+    from odmt_t4r.data.attributes import attribute_kinds
+
+    kinds = attribute_kinds(PreparedDir(data_dir).items())
+    if (run / ADDED_ITEMS).is_file():
+        kinds = {**attribute_kinds(pd.read_parquet(run / ADDED_ITEMS)), **kinds}
+    return kinds
 
 
 def next_run_path(run: Path) -> Path:
@@ -124,6 +142,7 @@ def add_items(run: str | Path, items_csv: str | Path, out: str | Path | None = N
 def _add_items(run: Path, items_csv, out, repo, seed, check_sessions, log, assumed_count, force, lock) -> dict:
     import torch
 
+    from odmt_t4r.data.attributes import attribute_kinds, normalize_attributes
     from odmt_t4r.model import OdmtRecommender
     from odmt_t4r.output_folder import OutputFolder
     from odmt_t4r.trust import verify_prepared, verify_run, write_run_manifest
@@ -141,7 +160,8 @@ def _add_items(run: Path, items_csv, out, repo, seed, check_sessions, log, assum
     if len(ids) != model.config.n_index:
         raise ValueError(f"{run} indexes {model.config.n_index} rows but its catalog lists {len(ids)}")
     content = [m for m in model.config.modalities if m != "id"]
-    items = read_new_items(items_csv, content, set(ids[RESERVED_ROWS:].tolist()))
+    kinds = served_kinds(run, data_dir)
+    items = read_new_items(items_csv, content, set(ids[RESERVED_ROWS:].tolist()), kinds)
     first = model.config.n_index
     n_trained = len(catalog_item_ids(data_dir))  # the prepared catalog: items with observed train counts
     count = assumed_train_count(assumed_count, model.train_count[RESERVED_ROWS:n_trained].numpy())
@@ -159,12 +179,14 @@ def _add_items(run: Path, items_csv, out, repo, seed, check_sessions, log, assum
     say(f"{len(items):,} new items for {run.name} ({model.config.name}: {', '.join(model.branch_names)}); "
         f"indices {first}..{first + len(items) - 1}")
     with tempfile.TemporaryDirectory(prefix="odmt-add-items-") as tmp:
-        feats = new_item_features(items, data_dir, model.config.token_layout(), Path(tmp)) if content else {}
+        feats = new_item_features(items[["item_id", *content]], data_dir, model.config.token_layout(),
+                                  Path(tmp)) if content else {}
         with torch.inference_mode(False):
             grown = model.with_added_items(feats, len(items), seed=seed, assumed_count=count)
     parent_added = pd.read_parquet(run / ADDED_ITEMS) if (run / ADDED_ITEMS).is_file() else None
     added = pd.concat([parent_added, items.assign(item_idx=np.arange(first, first + len(items)), assumed_count=count)],
                       ignore_index=True)
+    added = normalize_attributes(added, str(items_csv), {**attribute_kinds(items), **kinds})  # one dtype per column
     config = RunFolder(run).config()
     with OutputFolder(out, RUN_FORMAT, what="RUN", log=say, refuse_hint=(
             "Choose another --out, or leave --out out: add-items then writes the next free RUN.vN")) as folder:
@@ -202,7 +224,8 @@ def _add_to_repo(repo: Path, manifest: dict, run: Path, check_sessions: int, say
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="a trained RUN (or one written by add-items)")
-    p.add_argument("--items", required=True, help="CSV of new items: item_id, text, image (the catalog format)")
+    p.add_argument("--items", required=True, help="CSV of new items: item_id, text, image, attributes (the catalog "
+                                                  "format); without a since column they arrive now")
     p.add_argument("--out", default=None, help="the new RUN (default: RUN.v2, .v3, ... next to RUN)")
     p.add_argument("--repo", default=None, help="also add the new version to this model repository "
                                                 "(a running `odmt serve` on it loads it without a restart)")

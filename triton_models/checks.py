@@ -16,6 +16,8 @@ Explanations (the optional `contribution_<branch>` outputs) are checked the same
 Business rules (exclude_ids / include_ids, raw IDs per request) are checked the same way: the graph run with
 a rule against `reference_recommend(..., rules=...)`, whose rule is resolved here from the RUN's own index
 (`reference_item_rules`), and the `unknown_rule_ids` output against the rule's IDs the catalog does not hold.
+An attribute filter ("filter": JSON) is evaluated here by plain pandas comparisons on the RUN's attribute table
+(`reference_filter_mask`), not by the served graph's precomputed index.
 """
 
 from __future__ import annotations
@@ -82,26 +84,73 @@ def reference_unknown_ids(workflow, sessions: Sequence[Sequence[str]], item_ids:
 
 
 def reference_recommend(model, workflow, item_ids: np.ndarray, sessions: Sequence[Sequence[str]], k: int,
-                        column: str = INPUT, rules: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+                        column: str = INPUT, rules: dict | None = None, attributes=None) -> tuple[np.ndarray, np.ndarray]:
     """What the served graph must answer: NVTabular's own `Workflow.transform` on the raw sessions,
     then the in-process model's `recommend` on the right-padded [B L] histories (pads 0), mapped to
     raw IDs with `item_ids` (index -> str, e.g. `run_item_ids`): (str object [B k], scores float32 [B k]).
     Slots with no candidate left (every item seen, or fewer than k items) hold "" and -inf.
-    rules: {"exclude_ids": raw IDs, "include_ids": raw IDs} for every session (`reference_item_rules`).
+    rules: {"exclude_ids": raw IDs, "include_ids": raw IDs, "filter": JSON} for every session
+    (`reference_item_rules`; a filter needs `attributes`, the RUN's attribute table: data/attributes.py).
     Empty sessions are answered by popularity in serving (see predict.py), not by this function."""
-    ids, padded, _, _ = _reference_top_k(model, workflow, item_ids, sessions, k, column, rules)
+    ids, padded, _, _ = _reference_top_k(model, workflow, item_ids, sessions, k, column, rules, attributes)
     return ids, padded
 
 
-def reference_item_rules(item_ids: np.ndarray, rules: dict | None):
+def reference_filter_mask(attributes, spec) -> np.ndarray:
+    """bool [rows]: the rows a (valid) filter allows, by plain pandas comparisons on the attribute table (one
+    row per index row): the reference the served AttributeIndex must match."""
+    import json
+    from datetime import timedelta
+
+    import pandas as pd
+
+    from odmt_t4r.data.attributes import attribute_kind
+
+    spec = json.loads(spec) if isinstance(spec, (str, bytes)) else spec
+    mask = pd.Series(True, index=attributes.index)
+    for name, cond in spec.items():
+        col = attributes[name]
+        kind = attribute_kind(col)
+        present = col.notna()
+        if kind == "date":  # compared as UTC timestamps; a date-only max covers its day
+            col = pd.to_datetime(col, utc=True)
+        if isinstance(cond, dict) and "not" in cond:
+            values = cond["not"] if isinstance(cond["not"], list) else [cond["not"]]
+            hit = present & ~col.isin(values)
+        elif isinstance(cond, dict):
+            hit = present.copy()
+            for bound, keep in (("min", lambda c, v: c >= v), ("max", lambda c, v: c <= v)):
+                if cond.get(bound) is None:
+                    continue
+                value = cond[bound]
+                if kind == "date":
+                    stamp = pd.Timestamp(value)
+                    stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
+                    if bound == "max" and len(value.strip()) == 10:
+                        stamp += timedelta(days=1) - timedelta(milliseconds=1)
+                    value = stamp
+                hit &= keep(col, value).fillna(False).astype(bool)
+        else:
+            hit = present & col.isin(cond if isinstance(cond, list) else [cond]).fillna(False).astype(bool)
+        mask &= hit.fillna(False).astype(bool)
+    return mask.to_numpy(dtype=bool)
+
+
+def reference_item_rules(item_ids: np.ndarray, rules: dict | None, attributes=None):
     """Raw-ID rules -> (retrieval.ItemRules over the RUN's index rows, or None; {"exclude": n, "include": n}
-    the IDs `item_ids` does not hold), resolved with a plain dict: independent of the served graph's lookup."""
+    the IDs `item_ids` does not hold), resolved with a plain dict: independent of the served graph's lookup.
+    A "filter" is evaluated on `attributes` (`reference_filter_mask`)."""
     import torch
 
     from odmt_t4r.model.retrieval import ItemRules
 
     if not rules:
         return None, {"exclude": 0, "include": 0}
+    allow = None
+    if rules.get("filter") is not None:
+        if attributes is None:
+            raise ValueError("a filter needs the RUN's attribute table (data/attributes.py run_attributes)")
+        allow = torch.from_numpy(reference_filter_mask(attributes, rules["filter"]))
     index = {str(raw): i for i, raw in enumerate(np.asarray(item_ids, dtype=object).tolist()) if i >= 3 and str(raw)}
     rows, unknown = {}, {}
     for name in ("exclude_ids", "include_ids"):
@@ -109,7 +158,7 @@ def reference_item_rules(item_ids: np.ndarray, rules: dict | None):
         unknown[name.split("_")[0]] = 0 if ids is None else sum(str(i) not in index for i in ids)
         rows[name] = None if ids is None else torch.tensor([index[str(i)] for i in ids if str(i) in index],
                                                             dtype=torch.long)
-    return ItemRules(exclude=rows["exclude_ids"], include=rows["include_ids"]), unknown
+    return ItemRules(exclude=rows["exclude_ids"], include=rows["include_ids"], allow=allow), unknown
 
 
 def reference_explain(model, workflow, item_ids: np.ndarray, sessions: Sequence[Sequence[str]], k: int,
@@ -128,7 +177,7 @@ def reference_explain(model, workflow, item_ids: np.ndarray, sessions: Sequence[
     return ids, padded, {b: np.where(explained, v.numpy(), 0.0).astype(np.float32) for b, v in lifts.items()}
 
 
-def _reference_top_k(model, workflow, item_ids, sessions, k, column, rules=None):
+def _reference_top_k(model, workflow, item_ids, sessions, k, column, rules=None, attributes=None):
     """(raw IDs [B k], scores [B k], histories [B L], item indices [B k]) of `reference_recommend`."""
     import torch
 
@@ -139,7 +188,8 @@ def _reference_top_k(model, workflow, item_ids, sessions, k, column, rules=None)
         v = np.asarray(v, dtype=np.int64)[-L:]
         hist[i, : len(v)] = v
     with torch.inference_mode():
-        scores, idx = model.recommend(torch.from_numpy(hist), k=k, rules=reference_item_rules(item_ids, rules)[0])
+        scores, idx = model.recommend(torch.from_numpy(hist), k=k,
+                                      rules=reference_item_rules(item_ids, rules, attributes)[0])
     scores, idx = scores.numpy(), idx.numpy()
     found = np.isfinite(scores)
     ids = np.full((len(hist), k), "", dtype=object)
@@ -247,11 +297,34 @@ def example_rules(answers: np.ndarray, sessions: Sequence[Sequence[str]], served
             {"exclude_ids": firsts[:2], "include_ids": include}]
 
 
+def example_filter(attributes) -> dict | None:
+    """A filter on the first attribute other than new_arrival that leaves some items (None without one): a
+    text attribute's two commonest values, a number's or a date's upper half, a flag's true."""
+    from odmt_t4r.data.attributes import NEW_ARRIVAL, attribute_kind
+
+    for name in attributes.columns:
+        col = attributes[name].dropna()
+        if name == NEW_ARRIVAL or col.empty:
+            continue
+        kind = attribute_kind(col)
+        if kind == "text":
+            return {name: col.value_counts().index[:2].tolist()}
+        if kind == "number":
+            return {name: {"min": float(col.median())}}
+        if kind == "date":
+            return {name: {"min": col.sort_values().iloc[len(col) // 2].isoformat()}}
+        return {name: True}
+    return None
+
+
 def check_rules(ensemble, predict, workflow, reference, item_ids, sessions, atol: float) -> int:
     """The graph under `example_rules`, against `reference_recommend` with the same rules; returns how many
     (session, rule) answers were compared. Raises ServingCheckError on any difference."""
+    import json
+
     from merlin.table import TensorTable
 
+    from odmt_t4r.data.attributes import run_attributes
     from triton_models.client import encode_sessions
     from triton_models.predict import UNKNOWN_RULE_IDS
 
@@ -261,15 +334,21 @@ def check_rules(ensemble, predict, workflow, reference, item_ids, sessions, atol
     values = np.array([v.decode("utf-8") for v in values], dtype=object)
     served = [str(i) for i in np.asarray(item_ids, dtype=object)[3:].tolist() if str(i)]
     answers = reference_recommend(reference, workflow, item_ids, sessions[:4], predict.k, column)[0]
+    attributes = run_attributes(predict.run_dir, predict.data_dir)  # read here, apart from the graph's index
+    rules = example_rules(answers, sessions, served)
+    spec = example_filter(attributes)
+    if spec is not None:
+        rules += [{"filter": json.dumps(spec)}, {"filter": json.dumps(spec), "exclude_ids": rules[0]["exclude_ids"]}]
     checked = 0
-    for rule in example_rules(answers, sessions, served):
+    for rule in rules:
         predict.rules = [rule] * len(sessions)
         try:
             out = ensemble.transform(TensorTable({f"{column}__values": values, f"{column}__offsets": offsets}))
         finally:
             predict.rules = None
         got = np.vectorize(lambda b: b.decode("utf-8"), otypes=[object])(out["item_ids"].values)
-        want_ids, want_scores = reference_recommend(reference, workflow, item_ids, sessions, predict.k, column, rule)
+        want_ids, want_scores = reference_recommend(reference, workflow, item_ids, sessions, predict.k, column, rule,
+                                                    attributes)
         if got.tolist() != want_ids.tolist():
             bad = next(i for i in range(len(sessions)) if list(got[i]) != list(want_ids[i]))
             raise ServingCheckError(f"under the rule {sorted(rule)} session {bad} is answered "
@@ -278,7 +357,7 @@ def check_rules(ensemble, predict, workflow, reference, item_ids, sessions, atol
         diff = float(np.max(np.abs(out["scores"].values[finite] - want_scores[finite]), initial=0.0))
         if not diff <= atol:
             raise ServingCheckError(f"under the rule {sorted(rule)} scores differ from the in-process model by {diff:.3g}")
-        counts = reference_item_rules(item_ids, rule)[1]
+        counts = reference_item_rules(item_ids, rule, attributes)[1]
         got_counts = np.asarray(out[UNKNOWN_RULE_IDS].values).reshape(-1, 2)
         if not (got_counts == [counts["exclude"], counts["include"]]).all():
             raise ServingCheckError(f"the graph counts {got_counts[0].tolist()} unknown rule IDs, the catalog "

@@ -6,6 +6,7 @@ Wire contract of the served model (default name `executor_model`, as merlin-syst
              item_id-list__offsets  INT32  [B+1]    session b is values[offsets[b]:offsets[b+1]]; offsets[0]=0
              exclude_ids            BYTES  [E]      optional: raw IDs never returned (every session of the request)
              include_ids            BYTES  [I]      optional: only these raw IDs may be returned
+             filter                 BYTES  [1]      optional: one JSON object over the catalog's attributes
     outputs  item_ids               BYTES  [B, K]   raw item IDs, best first; "" marks padding
              scores                 FP32   [B, K]   their scores, descending
              contribution_<branch>  FP32   [B, K]   optional, one per branch in the fused score: computed
@@ -32,6 +33,9 @@ Business rules (`exclude=`, `include=` on every call; `odmt recommend --exclude/
 forms for IDs holding commas): the answer is the unrestricted ranking with the excluded items removed, or
 restricted to the included ones (same items, order and scores); an include list leaving fewer than k items
 gets fewer. Unknown IDs in them are ignored; the `*_with_unknown` calls count them in `unknown_rule_ids`.
+`filter=` (a dict or JSON text; `odmt recommend --filter JSON`) keeps the items whose catalog attributes match
+(grammar: odmt_t4r/model/item_filter.py, docs/operations.md#attribute-filters); `--new-arrivals [--since DATE]`
+is the filter {"new_arrival": true} (the items `odmt add-items` added after training), or {"since": {"min": DATE}}.
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ CONTRIBUTION = "contribution_"  # + branch name (triton_models/predict.py)
 POPULARITY = "popularity"  # odmt_t4r.model.explain.POPULARITY, kept here so the client needs no torch
 UNKNOWN_IDS = "unknown_ids"  # triton_models.predict.UNKNOWN_IDS: per session, its IDs not in the served catalog
 EXCLUDE_IDS, INCLUDE_IDS = RULE_INPUTS = ("exclude_ids", "include_ids")  # triton_models.predict.RULE_INPUTS
+FILTER = "filter"  # triton_models.predict.FILTER: the optional attribute filter, one JSON text per request
+NEW_ARRIVAL, SINCE = "new_arrival", "since"  # odmt_t4r.data.attributes: the new-arrivals shelf's attributes
 UNKNOWN_RULE_IDS = "unknown_rule_ids"  # triton_models.predict.UNKNOWN_RULE_IDS: [B, 2] unknown exclude / include IDs
 
 
@@ -90,9 +96,10 @@ def _unknown(arrays: list[np.ndarray], counted: bool, batch: int) -> list[int] |
     return [int(n) for n in arrays[-1].reshape(batch, -1)[:, 0]] if counted else None
 
 
-def rule_lists(exclude: Sequence[str] | None, include: Sequence[str] | None) -> dict:
-    """{input name: raw IDs} of the rules given (None: no such rule; an empty include allows nothing)."""
-    rules = {}
+def rule_lists(exclude: Sequence[str] | None, include: Sequence[str] | None, filter: dict | str | None = None) -> dict:
+    """{input name: raw IDs, or [the filter's JSON text]} of the rules given (None: no such rule; an empty
+    include allows nothing)."""
+    rules = {} if filter is None else {FILTER: [filter if isinstance(filter, str) else json.dumps(filter)]}
     for name, ids in ((EXCLUDE_IDS, exclude), (INCLUDE_IDS, include)):
         if ids is None:
             continue
@@ -188,6 +195,11 @@ class RecommenderClient:
         return set(RULE_INPUTS) <= set(self.input_names)
 
     @property
+    def takes_filter(self) -> bool:
+        """Whether the served model has the `filter` input (repositories exported before it have not)."""
+        return FILTER in self.input_names
+
+    @property
     def branches(self) -> list[str]:
         """The branches the served model explains (its `contribution_<branch>` outputs), in model order."""
         return [n[len(CONTRIBUTION):] for n in self.output_names if n.startswith(CONTRIBUTION)]
@@ -213,6 +225,9 @@ class RecommenderClient:
         if rules and not self.takes_rules:
             raise ValueError(f"model {self.model_name!r} takes no exclude_ids / include_ids inputs: export the RUN "
                              "again with this version of odmt to use business rules")
+        if rules and FILTER in rules and not self.takes_filter:
+            raise ValueError(f"model {self.model_name!r} takes no filter input: export the RUN again with this "
+                             "version of odmt to filter on catalog attributes")
         values, offsets = encode_sessions(sessions)
         inputs = [self._input(f"{self.input_name}__values", values, "BYTES"),
                   self._input(f"{self.input_name}__offsets", offsets, "INT32")]
@@ -222,22 +237,22 @@ class RecommenderClient:
         return [result.as_numpy(name) for name in names]
 
     def recommend(self, sessions: Sequence[Sequence[str]], k: int = 10, *, exclude: Sequence[str] | None = None,
-                  include: Sequence[str] | None = None) -> list[list[tuple[str, float]]]:
+                  include: Sequence[str] | None = None, filter: dict | str | None = None) -> list[list[tuple[str, float]]]:
         """Top-k (item_id, score) per session, best first; sessions and results are raw item IDs.
-        exclude / include: business rules for every session of the call (raw IDs; see the module docstring).
-        Asks for `item_ids` and `scores` only: the server computes no explanations for it."""
-        arrays = self._infer(sessions, k, self.outputs, rule_lists(exclude, include))
+        exclude / include / filter: business rules for every session of the call (raw IDs, an attribute filter;
+        see the module docstring). Asks for `item_ids` and `scores` only: the server computes no explanations."""
+        arrays = self._infer(sessions, k, self.outputs, rule_lists(exclude, include, filter))
         return [] if arrays is None else decode_topk(*arrays, len(sessions), k)
 
     def recommend_with_unknown(self, sessions: Sequence[Sequence[str]], k: int = 10, *,
-                               exclude: Sequence[str] | None = None, include: Sequence[str] | None = None
-                               ) -> tuple[list[list[tuple[str, float]]], list[int] | None]:
+                               exclude: Sequence[str] | None = None, include: Sequence[str] | None = None,
+                               filter: dict | str | None = None) -> tuple[list[list[tuple[str, float]]], list[int] | None]:
         """`recommend`'s answers and, per session, how many of its item IDs the served catalog does not hold
         (None when the served model has no `unknown_ids` output: a repository exported before it). With rules,
         `unknown_rule_ids` then holds how many of their IDs the served catalog does not hold."""
         counted = self.counts_unknown
         arrays = self._infer(sessions, k, [*self.outputs, *([UNKNOWN_IDS] if counted else [])],
-                             rule_lists(exclude, include), count_rules=True)
+                             rule_lists(exclude, include, filter), count_rules=True)
         if arrays is None:
             return [], ([] if counted else None)
         return decode_topk(arrays[0], arrays[1], len(sessions), k), _unknown(arrays, counted, len(sessions))
@@ -256,15 +271,15 @@ class RecommenderClient:
         return arrays
 
     def explain(self, sessions: Sequence[Sequence[str]], k: int = 10, *, exclude: Sequence[str] | None = None,
-                include: Sequence[str] | None = None) -> list[list[Explained]]:
+                include: Sequence[str] | None = None, filter: dict | str | None = None) -> list[list[Explained]]:
         """`recommend`'s answers with each item's per-branch contributions and the branch that drove it."""
-        return self._explain(sessions, k, False, rule_lists(exclude, include))[0]
+        return self._explain(sessions, k, False, rule_lists(exclude, include, filter))[0]
 
     def explain_with_unknown(self, sessions: Sequence[Sequence[str]], k: int = 10, *,
-                             exclude: Sequence[str] | None = None, include: Sequence[str] | None = None
-                             ) -> tuple[list[list[Explained]], list[int] | None]:
+                             exclude: Sequence[str] | None = None, include: Sequence[str] | None = None,
+                             filter: dict | str | None = None) -> tuple[list[list[Explained]], list[int] | None]:
         """`explain`'s answers and the `unknown_ids` counts of `recommend_with_unknown`."""
-        return self._explain(sessions, k, self.counts_unknown, rule_lists(exclude, include))
+        return self._explain(sessions, k, self.counts_unknown, rule_lists(exclude, include, filter))
 
     def _explain(self, sessions, k: int, counted: bool, rules: dict) -> tuple[list[list[Explained]], list[int] | None]:
         branches = self.branches
@@ -313,6 +328,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                                    "served catalog does not hold are ignored and counted)")
         group.add_argument(f"--{rule}-json", metavar="JSON", help=f"--{rule} as a JSON list of raw item IDs, for IDs "
                                                                   "holding commas")
+    parser.add_argument("--filter", metavar="JSON", help='only items whose catalog attributes match, e.g. '
+                        '\'{"category": ["dress", "coat"], "price": {"max": 80}}\' (docs/operations.md#attribute-filters)')
+    parser.add_argument("--new-arrivals", action="store_true", help="only the items `odmt add-items` added after "
+                        "the model was trained; with --since DATE: only the items whose since is DATE or later")
+    parser.add_argument("--since", metavar="DATE", help="with --new-arrivals: the first arrival date (ISO 8601)")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--protocol", choices=("http", "grpc"), default="http")
     parser.add_argument("--model", default="executor_model")
@@ -378,6 +398,28 @@ def rule_items(args: argparse.Namespace) -> tuple[list[str] | None, list[str] | 
     return out[0], out[1]
 
 
+def rule_filter(args: argparse.Namespace) -> dict | None:
+    """--filter JSON, and --new-arrivals [--since DATE] as its filter, ANDed (None: neither given)."""
+    spec = None
+    if getattr(args, "filter", None) is not None:
+        try:
+            spec = json.loads(args.filter)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--filter is not valid JSON ({exc})") from exc
+        if not isinstance(spec, dict):
+            raise ValueError('--filter must be a JSON object, e.g. \'{"category": ["dress"]}\'')
+    since = getattr(args, "since", None)
+    if since is not None and not getattr(args, "new_arrivals", False):
+        raise ValueError("--since applies to --new-arrivals: give both")
+    if getattr(args, "new_arrivals", False):
+        shelf = {SINCE: {"min": since}} if since is not None else {NEW_ARRIVAL: True}
+        clash = set(shelf) & set(spec or {})
+        if clash:
+            raise ValueError(f"--filter already names {sorted(clash)[0]!r}, which --new-arrivals sets: give one of them")
+        spec = {**(spec or {}), **shelf}
+    return spec
+
+
 def rule_notes(unknown: dict[str, int] | None, exclude: list[str] | None, include: list[str] | None) -> list[str]:
     """The stderr notes for rule IDs the served catalog does not hold (they were ignored)."""
     notes = []
@@ -405,6 +447,7 @@ def served_capability(args: argparse.Namespace, read, part: str, lacking: str, f
 def run(args: argparse.Namespace) -> int:
     items = session_items(args)
     exclude, include = rule_items(args)
+    spec = rule_filter(args)
     if args.k < 1:
         raise ValueError(f"--k must be >= 1, got {args.k}")
     try:
@@ -424,9 +467,12 @@ def run(args: argparse.Namespace) -> int:
         if exclude is not None or include is not None:
             served_capability(args, lambda: client.takes_rules, "inputs", "takes no business rules",
                               "--exclude / --include")
+        if spec is not None:
+            served_capability(args, lambda: client.takes_filter, "inputs", "takes no attribute filter",
+                              "--filter / --new-arrivals")
         try:
             answer = client.explain_with_unknown if args.explain else client.recommend_with_unknown
-            answers, unknown = answer([items], k=args.k, exclude=exclude, include=include)
+            answers, unknown = answer([items], k=args.k, exclude=exclude, include=include, filter=spec)
             recs = answers[0]
         except Exception as exc:
             raise ValueError(f"inference failed: {exc}") from exc

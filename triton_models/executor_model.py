@@ -18,10 +18,11 @@ hands it several, and it reads inputs as if `max_batch_size` were 0. This subcla
     computed only when a request of the run asked for them: the operator's `requested` is set to the
     union of the requests' `requested_output_names()` before each run, and each response holds just what
     its request asked for. (A request that names no outputs asks for all of them, as Triton defines it.)
-  * business rules: an operator's `rule_inputs` (OdmtPredict: `exclude_ids`, `include_ids`) are optional
-    inputs of one flat list per request (raw IDs, [1, N]). They are read here, not through the merlin graph,
-    and handed to the operator as `rules`, one {input: IDs} per session (a request's sessions share its
-    dict), or None when no request of the run sent any: a run without rules sets one attribute, nothing else.
+  * business rules: an operator's `rule_inputs` (OdmtPredict: `exclude_ids`, `include_ids`, `filter`) are
+    optional inputs of one flat list per request (raw IDs, [1, N]; a filter: one JSON text, [1, 1]); the
+    operator's `check_rules` refuses a malformed one for that request alone. They are read here, not through
+    the merlin graph, and handed to the operator as `rules`, one {input: IDs} per session (a request's sessions
+    share its dict), or None when no request of the run sent any: a run without rules sets one attribute.
 
 export.py copies this file into the model repository as executor_model/1/model.py.
 """
@@ -86,11 +87,17 @@ class TritonPythonModel(MerlinExecutorModel):
         return array
 
     def _rules(self, request) -> dict | None:
-        """One request's rule inputs that it sent -> {input: raw IDs [N]}, or None when it sent none."""
+        """One request's rule inputs that it sent -> {input: raw IDs [N]}, or None when it sent none. Rules an
+        operator cannot run (a malformed filter) are a RequestError: that request alone is refused."""
         rules = {}
         for name in self.rule_inputs:
             if pb_utils.get_input_tensor_by_name(request, name) is not None:
                 rules[name] = self._tensor(request, name).reshape(-1)
+        for op in self.rule_takers if rules else ():
+            try:
+                getattr(op, "check_rules", lambda _: None)(rules)
+            except ValueError as exc:
+                raise RequestError(str(exc)) from exc
         return rules or None
 
     def _read(self, request) -> tuple[dict, int]:

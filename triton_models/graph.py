@@ -18,6 +18,9 @@ Wire contract (model `executor_model`; triton_models/client.py speaks it):
              include_ids            BYTES  [1, I]    OPTIONAL business rule: only these raw IDs may be returned
                                                      (fewer than K left: padding); unknown IDs in either list
                                                      are ignored and counted in `unknown_rule_ids`
+             filter                 BYTES  [1, 1]    OPTIONAL business rule: one JSON object over the catalog's
+                                                     attributes (odmt_t4r/model/item_filter.py); a malformed one
+                                                     gets an error (HTTP 400) for its request only
     outputs  item_ids               BYTES  [1, B, K] raw item IDs, best first; b"" pads
              scores                 FP32   [1, B, K] descending; -inf where the ID is b""
              contribution_<branch>  FP32   [1, B, K] OPTIONAL, one per branch in the fused score (id, text,
@@ -44,7 +47,7 @@ from pathlib import Path
 
 MODEL_NAME = "executor_model"
 TRANSFORMS = ("fast", "workflow")
-RULE_INPUTS = ("exclude_ids", "include_ids")  # triton_models.predict.RULE_INPUTS: optional, one list per request
+RULE_INPUTS = ("exclude_ids", "include_ids", "filter")  # triton_models.predict.RULE_INPUTS: optional, per request
 from odmt_t4r.contract import ITEM_LIST as INPUT, run_data_dir, run_item_ids  # noqa: E402
 from odmt_t4r.flags import flag  # noqa: E402
 
@@ -162,7 +165,9 @@ def wire_contract(cfg: ServingConfig) -> dict:
             "inputs": {f"{INPUT}__values": f"BYTES [{lead}N] raw item IDs, UTF-8",
                        f"{INPUT}__offsets": f"INT32 [{lead}B+1] session b = values[offsets[b]:offsets[b+1]]",
                        "exclude_ids": f"BYTES [{lead}E] optional: raw IDs never returned (the whole request)",
-                       "include_ids": f"BYTES [{lead}I] optional: only these raw IDs may be returned"},
+                       "include_ids": f"BYTES [{lead}I] optional: only these raw IDs may be returned",
+                       "filter": f"BYTES [{lead}1] optional: a JSON object over the catalog's attributes "
+                                 "(docs/operations.md#attribute-filters)"},
             "outputs": {"item_ids": f"BYTES [{lead}B, {cfg.k}] best first, b'' pads",
                         "scores": f"FP32 [{lead}B, {cfg.k}] descending, -inf where the ID is b''",
                         "contribution_<branch>": f"FP32 [{lead}B, {cfg.k}] optional, computed only when requested: "

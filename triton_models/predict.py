@@ -23,7 +23,10 @@ libtorch backend. Per request:
               served catalog does not hold (they are ignored); 0 without rules.
 
 Business rules (per request, optional inputs the executor hands over as `rules`, one entry per session):
-    exclude_ids  raw IDs never returned;  include_ids  only these may be returned.
+    exclude_ids  raw IDs never returned;  include_ids  only these may be returned;
+    filter       one JSON object over the catalog's attributes (odmt_t4r/model/item_filter.py): only the items
+                 it allows may be returned. The attributes ship as an artifact (SERVED_ATTRIBUTES) and are
+                 indexed at load; the executor has `check_rules` refuse a malformed filter for its request only.
 The answer is the unrestricted ranking with those items removed (same items, order and scores: the
 retriever applies the rule before its top-k, odmt_t4r/model/retrieval.py); an include list leaving fewer
 than K items gets padding. The raw IDs are resolved against the served catalog here, for both transforms,
@@ -63,10 +66,11 @@ from merlin.table import TensorTable
 ITEM_IDS, SCORES = "item_ids", "scores"
 CONTRIBUTION = "contribution_"  # + branch name: the optional per-branch outputs
 UNKNOWN_IDS = "unknown_ids"  # triton_models.vocab_lookup.UNKNOWN_IDS: unknown raw IDs per session
-EXCLUDE_IDS, INCLUDE_IDS = RULE_INPUTS = ("exclude_ids", "include_ids")  # optional inputs: raw IDs per request
+EXCLUDE_IDS, INCLUDE_IDS, FILTER = RULE_INPUTS = ("exclude_ids", "include_ids", "filter")  # optional, per request
 UNKNOWN_RULE_IDS = "unknown_rule_ids"  # INT32 [B, 2]: the rule lists' raw IDs not in the served catalog
 ARTIFACT_DIR = "odmt_model"  # under the executor model's ensemble/ folder
 SERVED_ITEMS = "served_items.json"  # artifact: the raw IDs this version serves, index order from 3 on
+SERVED_ATTRIBUTES = "served_attributes.parquet"  # artifact: their catalog attributes, one row per index row from 0
 from odmt_t4r.contract import ITEM_LIST, OOV, RESERVED_ROWS, RUN_CONFIG, RUN_WEIGHTS, RunFolder, last_items  # noqa: E402
 
 SERVED_RUN_FILES = (RUN_CONFIG, *RUN_WEIGHTS)  # what the executor ships of a RUN (item_vectors.pt optional)
@@ -102,6 +106,7 @@ class OdmtPredict(BaseOperator):
         # per graph run: one {rule input: raw IDs} per session (a request's sessions share one dict), or None
         self.rules: list[dict | None] | None = None
         self._catalog_index = None  # pandas Index of the served raw IDs (bytes), built at load
+        self._attributes = None  # item_filter.AttributeIndex of the served catalog, built at load
         self._popular_order: np.ndarray | None = None  # every item by popularity, for rules on empty sessions
         self._explainer = None  # BranchExplainer and raw ID -> index, built on the first explanation
 
@@ -112,6 +117,7 @@ class OdmtPredict(BaseOperator):
         state["_popular"] = None
         state["_explainer"] = None
         state["_catalog_index"] = None
+        state["_attributes"] = None
         state["_popular_order"] = None
         state["rules"] = None
         return state
@@ -129,6 +135,16 @@ class OdmtPredict(BaseOperator):
                 raise FileNotFoundError(f"{src} is missing: {self.run_dir} is not a saved model RUN")
         # the served catalog, readable without unpickling: a later `add-items --repo` checks its lineage
         (target / SERVED_ITEMS).write_text(json.dumps([i.decode("utf-8") for i in self.item_ids[RESERVED_ROWS:]]))
+        self.attribute_table().to_parquet(target / SERVED_ATTRIBUTES)  # what filters are evaluated on
+
+    def attribute_table(self):
+        """The served catalog's attributes, one row per index row (data/attributes.py), from the RUN and its DIR."""
+        from odmt_t4r.data.attributes import run_attributes
+
+        frame = run_attributes(self.run_dir, self.data_dir)
+        if len(frame) != len(self.item_ids):
+            raise ValueError(f"{self.run_dir}'s catalog has {len(frame)} rows, the served vocabulary {len(self.item_ids)}")
+        return frame
 
     def load_artifacts(self, artifact_path: str | os.PathLike | None = None) -> None:
         # merlin.dag.Graph.__init__ calls load_artifacts("") when the ensemble is built: stay lazy then.
@@ -168,8 +184,23 @@ class OdmtPredict(BaseOperator):
         self._popular = (order, pop[order].astype(np.float32))
         self._popular_order = everything
         self._catalog_index = catalog_index(self.item_ids)
+        self._attributes = self._attribute_index(folder)
         self._model = model
         self.recommend(np.zeros(1, dtype=np.int64), np.array([0, 1], dtype=np.int64))  # warm up torch
+
+    def _attribute_index(self, folder: Path):
+        """The filters' index: the shipped artifact, else (in-process, before export) the RUN's catalog."""
+        import pandas as pd
+
+        from odmt_t4r.model.item_filter import AttributeIndex
+
+        shipped = folder / SERVED_ATTRIBUTES
+        if shipped.is_file():
+            return AttributeIndex(pd.read_parquet(shipped), len(self.item_ids))
+        try:
+            return AttributeIndex(self.attribute_table(), len(self.item_ids))
+        except (OSError, ValueError):  # a repository exported before filters, its DIR gone: it declares no filter input
+            return AttributeIndex(pd.DataFrame(index=range(len(self.item_ids))), len(self.item_ids))
 
     @property
     def model(self):
@@ -237,9 +268,17 @@ class OdmtPredict(BaseOperator):
             out.append(rule)
         return (None if all(r is None for r in out) else out), unknown
 
+    def check_rules(self, lists: dict | None) -> None:
+        """Raises ValueError for rules that cannot run (a malformed filter): the executor answers that request
+        alone with the error, before the batch's graph run."""
+        if lists and lists.get(FILTER) is not None:
+            self.model  # noqa: B018 - loads the attribute index
+            self._attributes.parse(lists[FILTER])
+
     def _item_rules(self, lists: dict):
-        """{"exclude_ids": raw IDs, "include_ids": raw IDs} -> (ItemRules over index rows, [unknown exclude,
-        unknown include]); a list that is absent or None is no rule, an empty include list allows nothing."""
+        """{"exclude_ids": raw IDs, "include_ids": raw IDs, "filter": JSON} -> (ItemRules over index rows,
+        [unknown exclude, unknown include]); a list that is absent or None is no rule, an empty include list
+        allows nothing."""
         import torch
 
         from odmt_t4r.model.retrieval import ItemRules
@@ -247,8 +286,13 @@ class OdmtPredict(BaseOperator):
         unexpected = set(lists) - set(RULE_INPUTS)
         if unexpected:
             raise ValueError(f"unknown rule lists {sorted(unexpected)}; known: {list(RULE_INPUTS)}")
+        allow = None
+        if lists.get(FILTER) is not None:
+            self.model  # noqa: B018 - loads the attribute index
+            mask = self._attributes.allowed(self._attributes.parse(lists[FILTER]))
+            allow = None if mask is None else torch.from_numpy(mask)
         rows, unknown = {}, []
-        for name in RULE_INPUTS:
+        for name in (EXCLUDE_IDS, INCLUDE_IDS):
             raw = lists.get(name)
             if raw is None:
                 rows[name] = None
@@ -257,9 +301,9 @@ class OdmtPredict(BaseOperator):
             found = self.catalog_rows(raw)
             unknown.append(int(np.sum(found < 0)))
             rows[name] = torch.from_numpy(found[found >= 0])
-        if rows[EXCLUDE_IDS] is None and rows[INCLUDE_IDS] is None:
+        if rows[EXCLUDE_IDS] is None and rows[INCLUDE_IDS] is None and allow is None:
             return None, unknown
-        return ItemRules(exclude=rows[EXCLUDE_IDS], include=rows[INCLUDE_IDS]), unknown
+        return ItemRules(exclude=rows[EXCLUDE_IDS], include=rows[INCLUDE_IDS], allow=allow), unknown
 
     def catalog_rows(self, raw) -> np.ndarray:
         """Raw item IDs (UTF-8 bytes as Triton sends them, or str) -> int64 index rows, -1 where unknown."""

@@ -8,6 +8,7 @@ from typing import Callable
 
 import pandas as pd
 
+from odmt_t4r.data.attributes import normalize_attributes
 from odmt_t4r.data.base import ID_COLUMNS, DataValidationError, RawData, validate_interactions, validate_items
 
 
@@ -72,18 +73,22 @@ def _load_user_files(kind: str, interactions: str | None = None, items: str | No
     if not interactions or not items:
         raise ValueError(f"source '{kind}' needs --interactions FILE and --items FILE")
     raw = RawData(kind, _read_table(interactions, kind), _read_table(items, kind), str(interactions), str(items))
-    return raw.validate(check_images=check_images, timestamp_format=timestamp_format)
+    raw = raw.validate(check_images=check_images, timestamp_format=timestamp_format)
+    raw.items = normalize_attributes(raw.items, raw.items_path)  # category, price, since, ...: typed, kept
+    return raw
 
 
-def load_new_rows(kind: str, interactions: str, items: str | None = None, timestamp_format: str | None = None) -> RawData:
+def load_new_rows(kind: str, interactions: str, items: str | None = None, timestamp_format: str | None = None,
+                  kinds: dict[str, str] | None = None) -> RawData:
     """New rows for `odmt prepare --append-to DIR`, in the csv/parquet sources' formats: interactions and,
     optionally, new catalog items, each file validated alone (the append checks their item IDs against
-    DIR's catalog). Without `items` the catalog part is empty."""
+    DIR's catalog; their attributes must keep `kinds`, DIR's). Without `items` the catalog part is empty."""
     raw = RawData(kind, _read_table(interactions, kind), pd.DataFrame({"item_id": pd.Series([], dtype=object)}),
                   str(interactions), str(items) if items else "<no --items>")
     raw.interactions = validate_interactions(raw.interactions, raw.interactions_path, timestamp_format)
     if items:
-        raw.items = validate_items(_read_table(items, kind), raw.items_path, notes=raw.notes)
+        raw.items = normalize_attributes(validate_items(_read_table(items, kind), raw.items_path, notes=raw.notes),
+                                         raw.items_path, kinds)
     return raw
 
 

@@ -18,8 +18,9 @@ hnsw search would need every item's score for it, so there the score is the weig
 ranking, shifted by that constant): `score_definition` says which a retriever returns.
 
 Business rules (`ItemRules`, one per request, shared by its sessions): never return `exclude`; return only
-`include` when given. The answer is the unfiltered ranking with those items removed: the same items, order
-and scores (the log_softmax constant stays the whole catalog's).
+`include` when given, and only what an attribute filter `allow`s (model/item_filter.py). The answer is the
+unfiltered ranking with those items removed: the same items, order and scores (the log_softmax constant
+stays the whole catalog's).
     exact  the rule's mask is applied to each block before the running top-k.
     hnsw   a rule that allows at most `rules_exact_max_items` items is answered by an exact scan over just
            those items; a wider one walks the graph with the rule as a faiss selector (the walk passes through
@@ -96,21 +97,25 @@ class RetrievalConfig:
 @dataclass(eq=False)
 class ItemRules:
     """One request's business rules over index rows: `exclude` rows are never returned; with `include`, only
-    those rows may be (None: no such list; an empty include allows nothing). Sessions share a rule by
-    sharing the object: `search(..., rules=[r, r, None])` groups them by identity."""
+    those rows may be (None: no such list; an empty include allows nothing); with `allow` (an attribute
+    filter's mask, model/item_filter.py), only the rows it marks. Sessions share a rule by sharing the
+    object: `search(..., rules=[r, r, None])` groups them by identity."""
 
     exclude: torch.Tensor | None = None  # int64 [E] index rows
     include: torch.Tensor | None = None  # int64 [I] index rows
+    allow: torch.Tensor | None = None  # bool [n_rows]: the rows a filter allows
 
     def allowed(self, n_rows: int) -> torch.Tensor:
         """bool [n_rows]: the rows this rule lets through (reserved rows never)."""
         self._check(n_rows)
         if self.include is None:
-            mask = torch.ones(n_rows, dtype=torch.bool)
+            mask = torch.ones(n_rows, dtype=torch.bool) if self.allow is None else self.allow.clone()
             mask[:RESERVED_ROWS] = False
         else:
             mask = torch.zeros(n_rows, dtype=torch.bool)
             mask[self.include.long()] = True
+            if self.allow is not None:
+                mask &= self.allow
         if self.exclude is not None:
             mask[self.exclude.long()] = False
         return mask
@@ -119,9 +124,13 @@ class ItemRules:
         """Sorted int64: the rows an include rule lets through, without an [n_rows] mask (include only)."""
         self._check(n_rows)
         rows = torch.unique(self.include.long())
+        if self.allow is not None:
+            rows = rows[self.allow[rows]]
         return rows if self.exclude is None else rows[~torch.isin(rows, self.exclude.long())]
 
     def _check(self, n_rows: int) -> None:
+        if self.allow is not None and tuple(self.allow.shape) != (n_rows,):
+            raise ValueError(f"ItemRules.allow has {tuple(self.allow.shape)} rows; the catalog indexes {n_rows}")
         for name, rows in (("exclude", self.exclude), ("include", self.include)):
             if rows is not None and len(rows) and not (RESERVED_ROWS <= int(rows.min()) and int(rows.max()) < n_rows):
                 raise ValueError(f"ItemRules.{name} holds rows outside the catalog [{RESERVED_ROWS}, {n_rows}): "
