@@ -62,20 +62,26 @@ def log(msg: str) -> None:
 
 # -- the synthetic catalog ---------------------------------------------------------------------------
 
-def synthetic_dir(work: Path, n_items: int, seed: int = 0) -> Path:
-    """A prepared DIR of `n_items` items (IDs only) and USERS users with uniformly random sessions."""
+def synthetic_dir(work: Path, n_items: int, seed: int = 0, categories: int = 0) -> Path:
+    """A prepared DIR of `n_items` items (IDs only) and USERS users with uniformly random sessions; with
+    `categories`, the catalog has a `category` attribute, item j in category c{j % categories} (the same
+    items, vocabulary and sessions: the same synthetic RUN and HNSW index)."""
     import pandas as pd
 
     from odmt_t4r.prepare import PrepareConfig, prepare
 
-    out = work / f"data-{n_items}"
+    suffix = f"-cat{categories}" if categories else ""
+    out = work / f"data-{n_items}{suffix}"
     if (out / "manifest.json").is_file():
         return out
     rng = np.random.default_rng(seed)
-    src = work / f"src-{n_items}"
+    src = work / f"src-{n_items}{suffix}"
     src.mkdir(parents=True, exist_ok=True)
     items = [f"i{j}" for j in range(n_items)]
-    pd.DataFrame({"item_id": items}).to_csv(src / "items.csv", index=False)
+    catalog = pd.DataFrame({"item_id": items})
+    if categories:
+        catalog["category"] = [f"c{j % categories}" for j in range(n_items)]
+    catalog.to_csv(src / "items.csv", index=False)
     picks = rng.integers(n_items, size=USERS * SESSION_LENGTH)
     pd.DataFrame({"user_id": np.repeat(np.arange(USERS), SESSION_LENGTH),
                   "item_id": [items[p] for p in picks],
@@ -252,17 +258,45 @@ def served(run: Path, data: Path, work: Path, sessions: list, args) -> dict:
 
 # -- business rules ----------------------------------------------------------------------------------
 
-RULE_CASES = {"include_1pct": ("include_ids", 0.01), "exclude_50pct": ("exclude_ids", 0.5)}
+RULE_CASES = {"include_1pct": ("include_ids", 0.01), "exclude_50pct": ("exclude_ids", 0.5),
+              "category_10pct": ("filter", 0.1)}
+CATEGORIES = 10  # the rules DIR's category attribute: item j in c{j % 10}
+CATEGORY_FILTER = {"category": ["c3"]}  # 10% of the catalog
 
 
-def rule_ids(data: Path, seed: int = 0) -> dict[str, list[str]]:
-    """{case: raw IDs}: random catalog items, `RULE_CASES`' fraction of the catalog each."""
+def rule_ids(data: Path, cases, seed: int = 0) -> dict[str, list[str]]:
+    """{case: raw IDs}: random catalog items, `RULE_CASES`' fraction of the catalog each; a filter case: [its
+    JSON text]."""
     from odmt_t4r.contract import catalog_item_ids
 
     ids = [i for i in catalog_item_ids(data) if i]
     rng = np.random.default_rng(seed)
-    return {case: [ids[j] for j in np.sort(rng.choice(len(ids), max(1, int(frac * len(ids))), replace=False))]
-            for case, (_, frac) in RULE_CASES.items()}
+    out = {}
+    for case, (name, frac) in RULE_CASES.items():
+        picked = np.sort(rng.choice(len(ids), max(1, int(frac * len(ids))), replace=False))  # same lists as before
+        if case in cases:
+            out[case] = [json.dumps(CATEGORY_FILTER)] if name == "filter" else [ids[j] for j in picked]
+    return out
+
+
+def rule_of(data: Path, case: str, raw: list[str]):
+    """The in-process ItemRules of a case: its IDs as index rows, or the filter's mask (plain pandas)."""
+    import torch
+
+    from odmt_t4r.contract import catalog_item_ids
+    from odmt_t4r.data.attributes import run_attributes
+    from odmt_t4r.model.retrieval import ItemRules
+    from triton_models.checks import reference_filter_mask
+
+    name = RULE_CASES[case][0]
+    if name == "filter":
+        return ItemRules(allow=torch.from_numpy(reference_filter_mask(run_attributes(_run_of(data), data), raw[0])))
+    index = {v: i for i, v in enumerate(catalog_item_ids(data)) if v}
+    return ItemRules(**{name.split("_")[0]: torch.tensor([index[i] for i in raw])})
+
+
+def _run_of(data: Path) -> Path:
+    return data.parent / data.name.replace("data-", "run-", 1)
 
 
 def baseline_repo(ref: str, run: Path, data: Path, work: Path, k: int) -> tuple[Path, str, Path]:
@@ -337,23 +371,22 @@ def filtered_recall(run: Path, data: Path, url: str, sessions: list, lists: dict
 
     from odmt_t4r.contract import catalog_item_ids
     from odmt_t4r.model import OdmtRecommender
-    from odmt_t4r.model.retrieval import ItemRules
     from triton_models.client import RecommenderClient
 
     torch.set_num_threads(1)
     model = OdmtRecommender.from_pretrained(run, data_dir=data)
     model.set_retrieval({"index": "exact"})
     ids = catalog_item_ids(data)
-    index = {raw: i for i, raw in enumerate(ids) if raw}
     hist = encoded_histories(data, sessions, model.config.max_length)
     out = {}
     with RecommenderClient(url) as client:
-        for case, (name, _) in RULE_CASES.items():
-            rows = torch.tensor([index[i] for i in lists[case]])
-            rule = ItemRules(**{name.split("_")[0]: rows})
+        for case in lists:
+            name = RULE_CASES[case][0]
+            rule = rule_of(data, case, lists[case])
+            given = {"filter": lists[case][0]} if name == "filter" else {name.split("_")[0]: lists[case]}
             served_, hits = [], []
             for c in range(0, len(sessions), 50):
-                served_ += client.recommend(sessions[c:c + 50], k, **{name.split("_")[0]: lists[case]})
+                served_ += client.recommend(sessions[c:c + 50], k, **given)
                 with torch.inference_mode():
                     scores, idx = model.recommend(hist[c:c + 50], k, rules=rule)
                 for answer, row, srow in zip(served_[c:], idx.tolist(), scores.tolist()):
@@ -369,12 +402,17 @@ def rules_benchmark(run: Path, data: Path, work: Path, sessions: list, args) -> 
     from triton_models.export import ServingConfig, export
     from triton_models.server import TritonServer
 
-    lists = rule_ids(data)
+    lists = rule_ids(data, args.rule_cases)
     repo = work / "repo"
     export(run, repo, ServingConfig(k=args.k), data_dir=data, check_sessions=20, log=lambda m: None, force=True)
     entry = {"lists": {case: len(v) for case, v in lists.items()}}
+    for case in lists:
+        if RULE_CASES[case][0] == "filter":  # the items it allows
+            entry["lists"][case] = int(rule_of(data, case, lists[case]).allow.sum())
+            entry.setdefault("filters", {})[case] = lists[case][0]
     rule_inputs = {}
-    for case, (name, _) in RULE_CASES.items():
+    for case in lists:
+        name = RULE_CASES[case][0]
         t = time.perf_counter()
         rule_inputs[case] = [_rule_input(name, lists[case])]
         entry.setdefault("client_encode_ms", {})[case] = round(1e3 * (time.perf_counter() - t), 1)
@@ -400,7 +438,8 @@ def rules_benchmark(run: Path, data: Path, work: Path, sessions: list, args) -> 
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False,
                            capture_output=True)
     lat = entry["latency"]
-    entry["p99_over_unfiltered"] = {case: round(lat[case]["p99_ms"] / lat["none"]["p99_ms"], 2) for case in RULE_CASES}
+    entry["p99_over_unfiltered"] = {case: round(lat[case]["p99_ms"] / lat["none"]["p99_ms"], 2) for case in lists}
+    entry["p50_over_unfiltered"] = {case: round(lat[case]["p50_ms"] / lat["none"]["p50_ms"], 2) for case in lists}
     if "no_rule_vs_baseline" in entry:
         both = entry["no_rule_vs_baseline"]
         entry["no_rule_over_baseline"] = {q: round(both["none"][q] / both["none_baseline"][q], 3)
@@ -410,11 +449,14 @@ def rules_benchmark(run: Path, data: Path, work: Path, sessions: list, args) -> 
 
 def rules_in_process(run: Path, data: Path, sessions: list, lists: dict, k: int) -> dict:
     """Where a rule's server time goes, in-process (1 thread, p50 ms over `sessions`): resolving its raw IDs
-    (OdmtPredict.catalog_rows on the UTF-8 bytes Triton delivers) and the search under it (retrieval.py)."""
+    (OdmtPredict.catalog_rows on the UTF-8 bytes Triton delivers) or evaluating its filter (item_filter.py's
+    AttributeIndex, built once as at load), and the search under it (retrieval.py)."""
     import torch
 
     from odmt_t4r.contract import catalog_item_ids
+    from odmt_t4r.data.attributes import run_attributes
     from odmt_t4r.model import OdmtRecommender
+    from odmt_t4r.model.item_filter import AttributeIndex
     from odmt_t4r.model.retrieval import ItemRules
     from triton_models.predict import catalog_index
 
@@ -427,17 +469,27 @@ def rules_in_process(run: Path, data: Path, sessions: list, lists: dict, k: int)
     with torch.inference_mode():
         queries = [retriever.queries(model.session_states(hist[i:i + 1])) for i in range(len(hist))]
     out = {}
-    for case, (name, _) in RULE_CASES.items():
+    attributes = None
+    for case in lists:
+        name = RULE_CASES[case][0]
+        if name == "filter" and attributes is None:
+            t = time.perf_counter()
+            attributes = AttributeIndex(run_attributes(run, data))
+            out["attribute_index_build_s"] = round(time.perf_counter() - t, 2)
         raw = np.array([i.encode("utf-8") for i in lists[case]], dtype=object)
         resolve, search = [], []
         for i in range(len(hist)):
             t = time.perf_counter()
-            rows = torch.from_numpy(index.get_indexer(raw) + 3)
+            if name == "filter":
+                rule = ItemRules(allow=torch.from_numpy(attributes.allowed(attributes.parse(raw[:1]))))
+            else:
+                rule = ItemRules(**{name.split("_")[0]: torch.from_numpy(index.get_indexer(raw) + 3)})
             resolve.append(time.perf_counter() - t)
             t = time.perf_counter()
-            retriever.top_k(*queries[i], hist[i:i + 1], k, ItemRules(**{name.split("_")[0]: rows}))
+            retriever.top_k(*queries[i], hist[i:i + 1], k, rule)
             search.append(time.perf_counter() - t)
-        out[case] = {"resolve_ids": percentiles(resolve)["p50_ms"], "search": percentiles(search)["p50_ms"]}
+        out[case] = {"resolve_ids" if name != "filter" else "evaluate_filter": percentiles(resolve)["p50_ms"],
+                     "search": percentiles(search)["p50_ms"]}
     plain = []
     for i in range(len(hist)):
         t = time.perf_counter()
@@ -449,9 +501,10 @@ def rules_in_process(run: Path, data: Path, sessions: list, lists: dict, k: int)
 
 def rules_line(n: int, e: dict) -> str:
     lat = e["latency"]
-    cases = "; ".join(f"{case} ({e['lists'][case]:,} IDs) p50 {lat[case]['p50_ms']:.2f} p99 {lat[case]['p99_ms']:.2f} ms "
+    cases = "; ".join(f"{case} ({e['lists'][case]:,} {'items' if case in e.get('filters', {}) else 'IDs'}) "
+                      f"p50 {lat[case]['p50_ms']:.2f} p99 {lat[case]['p99_ms']:.2f} ms "
                       f"= {e['p99_over_unfiltered'][case]}x, recall@10 {e['recall'][case]['recall_at_10']:.4f}"
-                      for case in RULE_CASES)
+                      for case in e["lists"])
     base = ""
     if "no_rule_over_baseline" in e:
         a, b = e["no_rule_vs_baseline"]["none"], e["no_rule_vs_baseline"]["none_baseline"]
@@ -533,6 +586,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-rules", action="store_true", help="skip the business-rule cases")
     p.add_argument("--rules-requests", type=int, default=300, help="interleaved rounds of the rule cases")
     p.add_argument("--rules-recall-sessions", type=int, default=200)
+    p.add_argument("--rule-cases", nargs="+", default=list(RULE_CASES), choices=list(RULE_CASES),
+                   help="the rule cases measured (the category filter runs on a DIR with a category attribute)")
     p.add_argument("--baseline-ref", help="git ref whose code serves the no-rule baseline beside this code's")
     p.add_argument("--out", help=f"default {RESULTS.name} ({RESULTS_RULES.name} with --only-rules)")
     p.add_argument("--eval-rss", nargs=2, metavar=("RUN", "DIR"), help=argparse.SUPPRESS)  # the child process
@@ -573,6 +628,9 @@ def main(argv: list[str] | None = None) -> int:
             log(f"  {one_line(n, entry, args.clients)}")
         if n >= 10_000 and not args.no_rules:
             gc.collect()
+            if "category_10pct" in args.rule_cases:  # the same catalog with a category attribute
+                data = synthetic_dir(work, n, categories=CATEGORIES)
+                run = synthetic_run(data, _run_of(data))
             entry["rules"] = rules_benchmark(run, data, work / f"rules-{n}", sessions, args)
             entry["rules"]["retrieval"] = "hnsw" if n > RetrievalConfig().exact_max_items else "exact"
             log(f"  {rules_line(n, entry['rules'])}")
@@ -619,9 +677,9 @@ def goal_check(result: dict, clients: int) -> dict:
         if "rules" in e:
             r = e["rules"]
             goals = {f"{case}_p99_over_unfiltered": entry(r["p99_over_unfiltered"][case], GOALS["rules_p99_ratio"])
-                     for case in RULE_CASES}
+                     for case in r["lists"]}
             goals.update({f"{case}_recall_at_10": entry(r["recall"][case]["recall_at_10"], GOALS["recall_at_10"], True)
-                          for case in RULE_CASES})
+                          for case in r["lists"]})
             if "no_rule_over_baseline" in r:
                 goals["no_rule_p50_over_baseline"] = entry(r["no_rule_over_baseline"]["p50_ms"],
                                                            GOALS["no_rule_overhead"])

@@ -241,7 +241,8 @@ def test_export_writes_a_tuned_self_contained_repository(run_dir, data_dir, tmp_
     assert [g.kind for g in executor.instance_group] == [mc.ModelInstanceGroup.Kind.KIND_CPU]
     assert [(i.name, i.data_type, i.allow_ragged_batch, i.optional) for i in executor.input] == [
         ("item_id-list__values", mc.TYPE_STRING, True, False), ("item_id-list__offsets", mc.TYPE_INT32, True, False),
-        ("exclude_ids", mc.TYPE_STRING, True, True), ("include_ids", mc.TYPE_STRING, True, True)]  # business rules
+        ("exclude_ids", mc.TYPE_STRING, True, True), ("include_ids", mc.TYPE_STRING, True, True),  # business rules
+        ("filter", mc.TYPE_STRING, True, True)]  # the attribute filter
     assert [(o.name, o.data_type, list(o.dims)) for o in executor.output] == [
         ("item_ids", mc.TYPE_STRING, [-1, 7]), ("scores", mc.TYPE_FP32, [-1, 7]),
         ("contribution_id", mc.TYPE_FP32, [-1, 7]),  # optional: computed only for requests that ask for it

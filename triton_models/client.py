@@ -34,8 +34,9 @@ forms for IDs holding commas): the answer is the unrestricted ranking with the e
 restricted to the included ones (same items, order and scores); an include list leaving fewer than k items
 gets fewer. Unknown IDs in them are ignored; the `*_with_unknown` calls count them in `unknown_rule_ids`.
 `filter=` (a dict or JSON text; `odmt recommend --filter JSON`) keeps the items whose catalog attributes match
-(grammar: odmt_t4r/model/item_filter.py, docs/operations.md#attribute-filters); `--new-arrivals [--since DATE]`
-is the filter {"new_arrival": true} (the items `odmt add-items` added after training), or {"since": {"min": DATE}}.
+(grammar: odmt_t4r/model/item_filter.py, docs/operations.md#attribute-filters-filter-and-new-arrivals);
+`--new-arrivals [--since DATE]` is the filter {"new_arrival": true} (the items `odmt add-items` added after
+training), or {"since": {"min": DATE}}.
 """
 
 from __future__ import annotations
@@ -329,7 +330,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         group.add_argument(f"--{rule}-json", metavar="JSON", help=f"--{rule} as a JSON list of raw item IDs, for IDs "
                                                                   "holding commas")
     parser.add_argument("--filter", metavar="JSON", help='only items whose catalog attributes match, e.g. '
-                        '\'{"category": ["dress", "coat"], "price": {"max": 80}}\' (docs/operations.md#attribute-filters)')
+                        '\'{"category": ["dress", "coat"], "price": {"max": 80}}\' (docs/operations.md: Attribute filters)')
     parser.add_argument("--new-arrivals", action="store_true", help="only the items `odmt add-items` added after "
                         "the model was trained; with --since DATE: only the items whose since is DATE or later")
     parser.add_argument("--since", metavar="DATE", help="with --new-arrivals: the first arrival date (ISO 8601)")

@@ -167,7 +167,7 @@ def wire_contract(cfg: ServingConfig) -> dict:
                        "exclude_ids": f"BYTES [{lead}E] optional: raw IDs never returned (the whole request)",
                        "include_ids": f"BYTES [{lead}I] optional: only these raw IDs may be returned",
                        "filter": f"BYTES [{lead}1] optional: a JSON object over the catalog's attributes "
-                                 "(docs/operations.md#attribute-filters)"},
+                                 "(docs/operations.md#attribute-filters-filter-and-new-arrivals)"},
             "outputs": {"item_ids": f"BYTES [{lead}B, {cfg.k}] best first, b'' pads",
                         "scores": f"FP32 [{lead}B, {cfg.k}] descending, -inf where the ID is b''",
                         "contribution_<branch>": f"FP32 [{lead}B, {cfg.k}] optional, computed only when requested: "

@@ -2,7 +2,8 @@
 (data/attributes.py), evaluated to the items it allows: a bool mask over index rows, which joins the request's
 exclude / include lists in retrieval.ItemRules (`allow`), so it is applied before the top-k like them.
 
-Grammar (docs/operations.md#attribute-filters): one JSON object; its keys AND together; {} allows everything.
+Grammar (docs/operations.md#attribute-filters-filter-and-new-arrivals): one JSON object; its keys AND
+together; {} allows everything.
     {"<attribute>": CONDITION, ...}
     text    "dress" | ["dress", "coat"]           the item's value is one of these
             {"not": "dress"} | {"not": [...]}     the item has a value, and not one of these
