@@ -328,6 +328,13 @@ def test_the_attribute_index_equals_plain_pandas_on_every_condition(run_dir, dat
         want = reference_filter_mask(frame, spec)
         assert np.array_equal(got, want), spec
     assert index.allowed(index.parse("{}")) is None
+    model = OdmtRecommender.from_pretrained(run_dir, data_dir=data_dir)  # in-process, the filter as ItemRules
+    history = torch.tensor([[5, 9, 40, 0]])
+    scores, idx = model.recommend(history, k=K, rules=AttributeIndex.for_run(run_dir).rules(FILTERS["category"]))
+    allowed = reference_filter_mask(frame, FILTERS["category"])
+    full_s, full_i = model.recommend(history, k=model.config.n_index)
+    want = [i for i, s in zip(full_i[0].tolist(), full_s[0].tolist()) if allowed[i] and s > float("-inf")][:K]
+    assert idx[0].tolist() == want
     with pytest.raises(ValueError, match=r"filter: 'available' is a bool attribute: give true or false"):
         index.parse('{"available": "yes"}')
     with pytest.raises(ValueError, match="filter: one JSON object per request"):

@@ -115,6 +115,23 @@ class AttributeIndex:
             raise ValueError(f"the attribute table has {len(frame)} rows, the served catalog {self.n_rows}")
         self.columns = {str(c): _Column(attribute_kind(frame[c]), frame[c].to_numpy()) for c in frame.columns}
 
+    @classmethod
+    def for_run(cls, run, data_dir=None) -> "AttributeIndex":
+        """The index of a RUN's catalog (its prepared DIR's items and the items add-items added to it)."""
+        from odmt_t4r.data.attributes import run_attributes
+
+        return cls(run_attributes(run, data_dir))
+
+    def rules(self, spec, exclude=None, include=None):
+        """retrieval.ItemRules for `OdmtRecommender.recommend(..., rules=...)` in-process: the filter `spec`
+        (a dict or JSON text) and, optionally, index rows to exclude / include (int64 tensors)."""
+        import torch
+
+        from odmt_t4r.model.retrieval import ItemRules
+
+        mask = self.allowed(self.parse(spec))
+        return ItemRules(exclude=exclude, include=include, allow=None if mask is None else torch.from_numpy(mask))
+
     @property
     def kinds(self) -> dict[str, str]:
         return {name: col.kind for name, col in self.columns.items()}
