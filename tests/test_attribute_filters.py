@@ -25,6 +25,7 @@ from odmt_t4r.model import OdmtRecommender
 from odmt_t4r.model.item_filter import AttributeIndex
 from tests.test_business_rules import assert_served_equals, hnsw_run, hnsw_server  # noqa: F401 - on this RUN
 from tests.test_serving import K, fast_server  # noqa: F401
+from tests.triton_fixtures import toy_repo, triton_server  # noqa: F401
 from triton_models.checks import example_sessions, reference_filter_mask, reference_recommend
 from triton_models.client import RecommenderClient
 from triton_models.graph import load_inference_workflow
@@ -339,3 +340,16 @@ def test_the_attribute_index_equals_plain_pandas_on_every_condition(run_dir, dat
         index.parse('{"available": "yes"}')
     with pytest.raises(ValueError, match="filter: one JSON object per request"):
         index.parse(np.array([b"{}", b"{}"], dtype=object))
+
+
+def test_a_repository_without_the_filter_input_is_refused_with_the_way_out(triton_server, capsys):  # noqa: F811
+    """A repository exported before filters (tests/triton_fixtures.py's toy model declares no rule inputs)."""
+    from odmt_t4r.cli import main
+
+    with RecommenderClient(triton_server.http_url) as client:
+        assert not client.takes_filter
+        with pytest.raises(ValueError, match="takes no"):
+            client.recommend([["a"]], 3, filter={"category": "c1"})
+    assert main(["recommend", "--url", triton_server.http_url, "--items", "a", "--new-arrivals"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "takes no attribute filter: export the RUN again with this version of odmt to use --filter / --new-arrivals")
