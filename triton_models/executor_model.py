@@ -24,12 +24,20 @@ hands it several, and it reads inputs as if `max_batch_size` were 0. This subcla
     the merlin graph, and handed to the operator as `rules`, one {input: IDs} per session (a request's sessions
     share its dict), or None when no request of the run sent any: a run without rules sets one attribute.
 
+  * availability: REPO/availability.json (triton_models/availability.py, `odmt availability`) names the items
+    that may not be served. Every execute looks at its stamp (one stat) and reads it again when it changed, and
+    the rule takers get it as `availability` before the run: a change applies from the next request on, with no
+    reload of the model.
+
 export.py copies this file into the model repository as executor_model/1/model.py.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -42,8 +50,39 @@ from merlin.table import TensorTable
 MAX_SESSIONS_PER_RUN = 256  # default; the model config parameter `max_sessions_per_run` overrides it
 
 
+AVAILABILITY = "availability.json"  # triton_models.availability.AVAILABILITY, at the repository's root
+
+
 class RequestError(ValueError):
     """A request the model cannot run (bad offsets, ...): answered with an error, the batch goes on."""
+
+
+class Availability:
+    """The repository's availability file, read again whenever its stamp changes: (sequence, unavailable raw
+    IDs as UTF-8 bytes, or None when every item is available). An unreadable file keeps the last state read."""
+
+    def __init__(self, path: Path):
+        self.path, self.stamp, self.state = path, None, (0, None)
+
+    def current(self) -> tuple[int, np.ndarray | None]:
+        try:
+            st = os.stat(self.path)
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except FileNotFoundError:
+            stamp = None
+        if stamp != self.stamp:
+            try:
+                if stamp is None:
+                    self.state = (0, None)
+                else:
+                    data = json.loads(Path(self.path).read_text())
+                    ids = np.array([str(i).encode("utf-8") for i in data["unavailable"]], dtype=object)
+                    self.state = (int(data["sequence"]), ids if len(ids) else None)
+                self.stamp = stamp
+            except (OSError, ValueError, KeyError, TypeError) as exc:  # written atomically: should not happen
+                print(f"executor_model: cannot read {self.path} ({exc}); keeping the previous availability",
+                      file=sys.stderr, flush=True)
+        return self.state
 
 
 class TritonPythonModel(MerlinExecutorModel):
@@ -73,6 +112,10 @@ class TritonPythonModel(MerlinExecutorModel):
         self.rule_takers = [op for op in ops if getattr(op, "rule_inputs", None)]
         inputs = {i["name"] for i in config.get("input", [])}
         self.rule_inputs = list(dict.fromkeys(n for op in self.rule_takers for n in op.rule_inputs if n in inputs))
+        # the repository's root: Triton passes the model's folder, or (newer servers) its model.py, as
+        # merlin's _parse_model_repository (merlin/systems/triton/models/executor_model.py) reads it
+        where = Path(args["model_repository"])
+        self.availability = Availability((where.parents[2] if where.suffix == ".py" else where.parent) / AVAILABILITY)
 
     # -- reading one request ---------------------------------------------------------------------
     def _tensor(self, request, name):
@@ -192,6 +235,9 @@ class TritonPythonModel(MerlinExecutorModel):
                 continue
             asked = set(request.requested_output_names()) or set(self.output_names)  # none named: all
             pending.append((i, columns, n, asked, rules))
+        availability = self.availability.current()  # after the requests arrived: a change acknowledged before applies
+        for op in self.rule_takers:
+            op.availability = availability
         for group in self._groups(pending):
             self._answer(group, responses)
         return responses

@@ -76,6 +76,17 @@ from odmt_t4r.contract import ITEM_LIST, OOV, RESERVED_ROWS, RUN_CONFIG, RUN_WEI
 SERVED_RUN_FILES = (RUN_CONFIG, *RUN_WEIGHTS)  # what the executor ships of a RUN (item_vectors.pt optional)
 
 
+def with_availability(rule, available):
+    """A request's ItemRules (or None) that also lets only the available items through (`available`: the
+    availability's ItemRules, or None when every item is available)."""
+    if available is None or rule is None:
+        return rule if available is None else available
+    from odmt_t4r.model.retrieval import ItemRules
+
+    allow = available.allow if rule.allow is None else rule.allow & available.allow
+    return ItemRules(exclude=rule.exclude, include=rule.include, allow=allow)
+
+
 class OdmtPredict(BaseOperator):
     """Merlin operator: encoded sessions -> top-k raw item IDs and scores (see the module docstring)."""
 
@@ -109,6 +120,10 @@ class OdmtPredict(BaseOperator):
         self._attributes = None  # item_filter.AttributeIndex of the served catalog, built at load
         self._popular_order: np.ndarray | None = None  # every item by popularity, for rules on empty sessions
         self._explainer = None  # BranchExplainer and raw ID -> index, built on the first explanation
+        # the repository's availability (triton_models/availability.py), set by the executor before each run:
+        # (its sequence number, the raw IDs that may not be served or None); applied to every session
+        self.availability: tuple[int, np.ndarray | None] = (0, None)
+        self._available: tuple[int, object] = (0, None)  # (sequence, ItemRules allowing the available rows)
 
     # -- model lifecycle -------------------------------------------------------------------------
     def __getstate__(self):
@@ -120,6 +135,7 @@ class OdmtPredict(BaseOperator):
         state["_attributes"] = None
         state["_popular_order"] = None
         state["rules"] = None
+        state["availability"], state["_available"] = (0, None), (0, None)
         return state
 
     def save_artifacts(self, artifact_path: str | os.PathLike | None = None) -> None:
@@ -251,8 +267,9 @@ class OdmtPredict(BaseOperator):
         retrieval.ItemRules or None per session, None when no session has one; INT32 [B, 2] the unknown IDs
         of each session's exclude and include lists). Sessions sharing a dict share its ItemRules."""
         unknown = np.zeros((batch, 2), dtype=np.int32)
+        available = self._availability_rule()
         if rules is None:
-            return None, unknown
+            return (None if available is None else [available] * batch), unknown
         per_session = [rules] * batch if isinstance(rules, dict) else list(rules)
         if len(per_session) != batch:
             raise ValueError(f"rules: one per session ({batch}), got {len(per_session)}")
@@ -260,13 +277,32 @@ class OdmtPredict(BaseOperator):
         out = []
         for row, lists in enumerate(per_session):
             if lists is None:
-                out.append(None)
+                out.append(available)
                 continue
             if id(lists) not in resolved:
-                resolved[id(lists)] = self._item_rules(lists)
+                rule, counts = self._item_rules(lists)
+                resolved[id(lists)] = (with_availability(rule, available), counts)
             rule, unknown[row] = resolved[id(lists)]
             out.append(rule)
         return (None if all(r is None for r in out) else out), unknown
+
+    def _availability_rule(self):
+        """The ItemRules that lets only the available items through (every session obeys it), built once per
+        change of the repository's availability; None when every item is available."""
+        import torch
+
+        from odmt_t4r.model.retrieval import ItemRules
+
+        sequence, ids = self.availability
+        if self._available[0] != sequence:
+            rule = None
+            if ids is not None and len(ids):
+                mask = torch.ones(len(self.item_ids), dtype=torch.bool)
+                rows = self.catalog_rows(ids)
+                mask[torch.from_numpy(rows[rows >= 0])] = False  # an ID a newer version dropped: nothing to hide
+                rule = ItemRules(allow=mask)
+            self._available = (sequence, rule)
+        return self._available[1]
 
     def check_rules(self, lists: dict | None) -> None:
         """Raises ValueError for rules that cannot run (a malformed filter): the executor answers that request

@@ -32,6 +32,8 @@ from odmt_t4r.output_folder import fault_point
 from triton_models.graph import MODEL_NAME, ServingConfig, declare_rule_inputs, wire_contract
 
 FORMAT = "odmt-triton-repo/1"
+# what the served executor of this odmt does beyond the wire contract; a writer that needs one checks for it
+CAPABILITIES = ("availability",)  # reads REPO/availability.json on every request (availability.py)
 
 
 def _set_instances(config, count: int) -> None:
@@ -133,6 +135,7 @@ def describe(run: Path, predict, cfg: ServingConfig, check: dict, models: list[s
         "wire": wire_contract(cfg),
         "check": check,
         "versions": _versions(),
+        "capabilities": list(CAPABILITIES),
     }
 
 
@@ -160,22 +163,28 @@ def served_item_ids(repo: Path, manifest: dict) -> list[str] | None:
         return None
 
 
+ADD_ITEMS_HINT = ("Add the items to the RUN the repository serves (--run its run), or pass --force to replace what "
+                  "it serves on purpose")
+
+
 def check_lineage(repo: Path, manifest: dict, run: Path, model: str | None, data_dir: Path,
-                  new_ids: list[str]) -> None:
+                  new_ids: list[str], descendant: bool = False, hint: str = ADD_ITEMS_HINT) -> None:
     """A live repository only moves forward along its own lineage: the next version must be built on the
-    same prepared data, by the same model, with a catalog holding every item served now. Raises ValueError
-    saying what is served and what was offered (`odmt add-items --force` replaces the lineage on purpose)."""
+    same prepared data (with `descendant`: on it or on a DIR appended to it, descends_from), by the same
+    model, with a catalog holding every item served now. Raises ValueError saying what is served and what
+    was offered (`--force` of add-items and promote replaces the lineage on purpose)."""
     served = (f"{repo} serves version {manifest.get('version', 1)} ({manifest.get('model')}, "
               f"{manifest.get('n_items')} items, run {manifest.get('run')}, data {manifest.get('data_dir')})")
-    offered = f"the offered RUN {run} ({model}, {len(new_ids)} items with the new ones, data {data_dir})"
-    hint = ("Add the items to the RUN the repository serves (--run its run), or pass --force to replace what "
-            "it serves on purpose")
+    offered = (f"the offered RUN {run} ({model}, {len(new_ids)} items{'' if descendant else ' with the new ones'}, "
+               f"data {data_dir})")
     if manifest.get("model") and model != manifest.get("model"):
         raise ValueError(f"{served}; {offered} is another model family: refusing it. {hint}")
     want = manifest.get("data_manifest_sha256")
-    if (want and want != _data_sha256(data_dir)) or (not want and str(Path(manifest.get("data_dir", data_dir)).resolve())
-                                                    != str(Path(data_dir).resolve())):
-        raise ValueError(f"{served}; {offered} is built on other prepared data: refusing it. {hint}")
+    same = (want == _data_sha256(data_dir) or descendant and descends_from(data_dir, want)) if want else (
+        str(Path(manifest.get("data_dir", data_dir)).resolve()) == str(Path(data_dir).resolve()))
+    if not same:
+        rule = "neither that data nor an append to it (odmt prepare --append-to)" if descendant else "other prepared data"
+        raise ValueError(f"{served}; {offered} is built on {rule}: refusing it. {hint}")
     served_ids = served_item_ids(repo, manifest)
     if served_ids is None:
         raise ValueError(f"{served}, but its catalog cannot be read to check that {offered} keeps it: refusing it. "
@@ -184,6 +193,25 @@ def check_lineage(repo: Path, manifest: dict, run: Path, model: str | None, data
     if lost:
         raise ValueError(f"{served}; {offered} lacks {len(lost)} served items (e.g. {', '.join(lost[:3])}): "
                          f"refusing to drop them. {hint}")
+
+
+def descends_from(data_dir: Path, sha256: str) -> bool:
+    """Whether the prepared DIR is the one whose manifest.json hashes to `sha256`, or its `parent` chain (odmt
+    prepare --append-to records DIR and its manifest's sha256) reaches it; a parent changed since is a break."""
+    folder, seen = Path(data_dir), set()
+    sha = _data_sha256(folder)
+    while sha and sha not in seen:
+        if sha == sha256:
+            return True
+        seen.add(sha)
+        parent = json.loads((folder / "manifest.json").read_text()).get("parent") or {}
+        if parent.get("manifest_sha256") == sha256:
+            return True
+        folder = Path(parent.get("dir") or "")
+        sha = _data_sha256(folder) if parent.get("dir") else None
+        if sha != parent.get("manifest_sha256"):
+            return False
+    return False
 
 
 def checked_repository(repo: Path) -> dict:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import collections
+import json
 import os
 import re
 import signal
@@ -399,6 +400,22 @@ class VersionWatcher:
     def __init__(self, repo: Path):
         self.repo = repo
         self.seen = self._stamp()
+        self.loaded = self._served(self._manifest())
+
+    def _manifest(self) -> dict:
+        try:
+            return json.loads((self.repo / "manifest.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    @staticmethod
+    def _served(manifest: dict) -> tuple:
+        """What the loaded model is made of: the version and every file but the availability state, which the
+        executor reads by itself on each request (availability.py): a change of it alone reloads nothing."""
+        from triton_models.availability import AVAILABILITY
+
+        files = {k: v for k, v in (manifest.get("files") or {}).items() if k != AVAILABILITY}
+        return manifest.get("version"), json.dumps(files, sort_keys=True)
 
     def _stamp(self):
         try:
@@ -423,6 +440,9 @@ class VersionWatcher:
             print(f"odmt serve: the repository changed but fails its check; still serving the loaded version: {exc}",
                   file=sys.stderr, flush=True)
             return False
+        served = self._served(manifest)
+        if served == self.loaded:
+            return False  # only the availability state changed: the executor applies it without a reload
         t0 = time.perf_counter()
         try:
             server.load(manifest.get("entry_model", "executor_model"))
@@ -430,6 +450,7 @@ class VersionWatcher:
             print(f"odmt serve: loading version {manifest.get('version')} failed, still serving the previous one: "
                   f"{exc}", file=sys.stderr, flush=True)
             return False
+        self.loaded = served
         print(f"odmt serve: now serving version {manifest.get('version')} ({manifest.get('n_items', '?'):,} items, "
               f"run {manifest.get('run')}), loaded in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
         return True
