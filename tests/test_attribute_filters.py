@@ -227,6 +227,10 @@ def test_filters_combine_with_lists_and_the_sessions_own_items(path, servers, ru
     for session, answer in zip(few, answers):
         ids = {i for i, _ in answer}
         assert ids and ids <= (allowed & set(include)) - set(exclude) - set(session)
+    items = pd.read_parquet(data_dir / "items.parquet").sort_values(["train_count", "item_idx"], ascending=[False, True])
+    with RecommenderClient(server.http_url) as client:  # an empty session: the most popular matching items
+        (empty,) = client.recommend([[]], K, filter=spec)
+    assert [i for i, _ in empty] == [i for i in items["item_id"] if i in allowed][:K]
 
 
 def test_a_malformed_filter_is_refused_for_its_request_only(servers, run_dir, data_dir, sessions):
@@ -316,6 +320,25 @@ def test_add_items_records_attributes_and_the_new_arrivals_shelf_is_served(run_d
 
 
 # -- the grammar, in-process --------------------------------------------------------------------------------
+
+def test_attribute_kinds_are_read_off_the_values_and_a_derived_name_is_refused():
+    from odmt_t4r.data.attributes import attribute_kinds, normalize_attributes
+    from odmt_t4r.data.base import DataValidationError
+
+    items = pd.DataFrame({"item_id": ["a", "b", "c"], "text": ["x", "y", "z"], "flag": ["TRUE", "false", ""],
+                          "size": [1, 2.5, None], "since": ["1700000000", "", "1700000100"],
+                          "label": ["None", "nan", " "], "code": [7, 8, 9]})
+    out = normalize_attributes(items, "items.csv", {"code": "text"})
+    assert attribute_kinds(out) == {"flag": "bool", "size": "number", "since": "date", "label": "text", "code": "text"}
+    assert out["flag"].tolist()[:2] == [True, False] and pd.isna(out["flag"][2])
+    assert out["since"][0] == pd.Timestamp(1_700_000_000, unit="s", tz="UTC") and pd.isna(out["since"][1])
+    assert out["label"].tolist()[:2] == ["None", "nan"] and pd.isna(out["label"][2])  # words kept, a blank is null
+    assert out["code"].tolist() == ["7", "8", "9"]  # the catalog's text attribute takes numbers as text
+    with pytest.raises(DataValidationError, match="'new_arrival' is derived by odmt"):
+        normalize_attributes(items.assign(new_arrival=True), "items.csv")
+    with pytest.raises(DataValidationError, match="column 'flag': is a true/false attribute"):
+        normalize_attributes(items.assign(flag=["yes", "no", "true"]), "new.csv", {"flag": "bool"})
+
 
 def test_the_attribute_index_equals_plain_pandas_on_every_condition(run_dir, data_dir):
     frame = run_attributes(run_dir, data_dir)

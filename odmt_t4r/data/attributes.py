@@ -61,8 +61,7 @@ def normalize_attributes(items: pd.DataFrame, path: str, kinds: dict[str, str] |
 
 
 def _normalized(values: pd.Series, path: str, column: str, want: str | None) -> pd.Series:
-    present = values.notna() & ~values.astype(str).str.strip().isin(["", "nan", "NaT", "None"]) if values.dtype == object \
-        else values.notna()
+    present = values.notna() & (values.astype(str).str.strip() != "") if values.dtype == object else values.notna()
     if not present.any() and want:
         return _empty(len(values), want, values.index)
     kind = want or _inferred_kind(values[present], column)
