@@ -15,7 +15,7 @@ model.pt, item_vectors.pt, fusion.json, log.jsonl copied) plus CANDIDATES/<prese
 and SELECTION (`format` SELECTION_FORMAT: the settings, each candidate's valid score, the choice).
 A RUN written by `odmt add-items` is a whole RUN too: its config.json names its `parent_run`, and
 ADDED_ITEMS lists the items appended after the prepared DIR's catalog (item_id, item_idx from the DIR's
-last index on); `run_item_ids` is index -> raw ID over both.
+last index on, their content and attributes, `since`); `run_item_ids` is index -> raw ID over both.
 
 Sessions are cut to their LAST `max_length` items and right-padded with PAD (`last_items`): the same rule
 in training batches, evaluation, and the served graph.
@@ -165,7 +165,7 @@ def last_items(values: np.ndarray, offsets: np.ndarray, width: int | None = None
 
 PREPARED_MANIFEST = "manifest.json"  # DIR file: format, source, counts, modalities, max_length, n_index, hashes
 PREPARED_INTERACTIONS = "interactions.parquet"  # DIR file: every interaction the splits hold (--append-to extends it)
-PREPARED_ITEMS = "items.parquet"  # DIR file: the catalog (item_idx, item_id, content columns, train_count)
+PREPARED_ITEMS = "items.parquet"  # DIR file: the catalog (item_idx, item_id, content columns, attributes, train_count)
 FEATURES_DIR = "features"  # DIR folder: the frozen modality features (features/store.py reads it)
 WORKFLOWS_DIR = "workflows"  # DIR folder: the fitted NVTabular workflows (workflows/, the served transform)
 

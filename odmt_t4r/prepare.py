@@ -3,7 +3,8 @@ the item catalog, frozen item features and manifest.json (written last: its pres
 
 DIR layout (the contract `odmt train` reads):
     manifest.json            format, source, config, counts, modalities, versions, file hashes, parent
-    items.parquet            item_idx (categorified), item_id (raw), text, image (relative path), train_count
+    items.parquet            item_idx (categorified), item_id (raw), text, image (relative path), the catalog's
+                             attribute columns (typed: data/attributes.py), train_count
     interactions.parquet     user_id, item_id, timestamp (epoch ms): every interaction the splits hold, in input order
     train/ valid/ test/      parquet + schema.pbtxt: item_id-list (ends with the target), user_idx, seen-list
     workflows/{sessions,train,valid,test,inference}/   saved nvt.Workflow objects
