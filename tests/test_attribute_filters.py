@@ -311,6 +311,9 @@ def test_add_items_records_attributes_and_the_new_arrivals_shelf_is_served(run_d
         got = [i for i, _ in json.loads(capsys.readouterr().out)]
         assert "NEW0" not in got and got == [w for w in in_process(
             tmp_path / "v2", data_dir, [session], {"filter": '{"category": "c1"}', "exclude_ids": ["NEW0"]})[0][0] if w]
+        assert main([*base, "--filter", '{"category": "no-such-category"}']) == 0
+        out = capsys.readouterr()
+        assert json.loads(out.out) == [] and "no unseen item of the served catalog matches the filter" in out.err
         assert main([*base, "--filter", '{"colour": "red"}']) == 2
         assert "filter: unknown attribute 'colour'" in capsys.readouterr().err
         assert main([*base, "--filter", "{bad"]) == 2

@@ -478,7 +478,11 @@ def run(args: argparse.Namespace) -> int:
         except Exception as exc:
             raise ValueError(f"inference failed: {exc}") from exc
     note = unknown_note(1, unknown[0], len(items)) if unknown else None
-    for line in [*([note] if note else []), *rule_notes(client.unknown_rule_ids, exclude, include)]:
+    empty = spec is not None and not any((r.item_id if args.explain else r[0]) for r in recs)
+    shelf = ["odmt recommend: note: no unseen item of the served catalog matches the filter" + (
+        " (--new-arrivals without --since: items `odmt add-items` added after training; none yet?)"
+        if spec.get(NEW_ARRIVAL) else "")] if empty else []
+    for line in [*([note] if note else []), *rule_notes(client.unknown_rule_ids, exclude, include), *shelf]:
         print(line, file=sys.stderr)
     served_k = getattr(client, "served_k", None)
     if served_k is not None and served_k < args.k:
