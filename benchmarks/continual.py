@@ -162,9 +162,11 @@ class Records:
 
 
 def timed(fn):
-    t0 = time.perf_counter()
+    """(fn(), its wall seconds, its CPU seconds): one torch thread per process, so on a shared machine the CPU
+    time is what the step would take alone; the wall time grows with whatever else runs."""
+    t0, c0 = time.perf_counter(), time.process_time()
     out = fn()
-    return out, time.perf_counter() - t0
+    return out, time.perf_counter() - t0, time.process_time() - c0
 
 
 def full_arm(dataset: str, model: str, k: int, dirs: list[Path], seed: int, work: Path, records: Records,
@@ -178,12 +180,13 @@ def full_arm(dataset: str, model: str, k: int, dirs: list[Path], seed: int, work
     run = work / "runs" / dataset / f"{model}-full{k}-s{seed}"
     settings = quality.train_settings(model, seed, None, None)
     log(f"{key}: training from scratch on {dirs[k]}")
-    summary, seconds = timed(lambda: train_model(settings, dirs[k], run, resume=True,
-                                                 log=lambda m: log(f"  [{key}] {m}")))
+    resumed = run.is_dir() and any(run.iterdir())
+    summary, seconds, cpu = timed(lambda: train_model(settings, dirs[k], run, resume=True,
+                                                      log=lambda m: log(f"  [{key}] {m}")))
     metrics = scored(OdmtRecommender.from_pretrained(run, data_dir=dirs[k]), dirs[k], first_ids)
     return records.put(key, {"dataset": dataset, "model": model, "arm": "full", "increment": k, "seed": seed,
                              "run": str(run), "seconds": round(seconds, 1), "epochs_run": summary["epochs_run"],
-                             **metrics})
+                             **({} if resumed else {"cpu_seconds": round(cpu, 1)}), **metrics})
 
 
 def update_settings(variant: str) -> dict:
@@ -214,12 +217,13 @@ def update_arm(dataset: str, model: str, k: int, dirs: list[Path], seed: int, wo
     settings = update_settings(variant)
     log(f"{key}: updating {parent.name} on {dirs[k]}")
     resume = run.is_dir() and any(run.iterdir())
-    summary, seconds = timed(lambda: update_run(parent, dirs[k], run, settings, resume=resume,
-                                                log=lambda m: log(f"  [{key}] {m}")))
+    summary, seconds, cpu = timed(lambda: update_run(parent, dirs[k], run, settings, resume=resume,
+                                                     log=lambda m: log(f"  [{key}] {m}")))
     metrics = scored(OdmtRecommender.from_pretrained(run, data_dir=dirs[k]), dirs[k], first_ids)
     return records.put(key, {"dataset": dataset, "model": model, "arm": arm, "increment": k, "seed": seed,
                              "run": str(run), "parent_run": str(parent), "seconds": round(seconds, 1),
-                             "epochs_run": summary["epochs_run"], "settings": settings, **metrics})
+                             "epochs_run": summary["epochs_run"], "settings": settings,
+                             **({} if resume else {"cpu_seconds": round(cpu, 1)}), **metrics})
 
 
 def stale_arm(dataset: str, model: str, k: int, dirs: list[Path], seed: int, records: Records, first_ids: set,
@@ -229,9 +233,10 @@ def stale_arm(dataset: str, model: str, k: int, dirs: list[Path], seed: int, rec
     key = f"{dataset}-{model}-stale-{k}-s{seed}"
     if (done := records.get(key)) is not None:
         return done
-    model_k, seconds = timed(lambda: served_on(run0, dirs[k]))
+    model_k, seconds, cpu = timed(lambda: served_on(run0, dirs[k]))
     return records.put(key, {"dataset": dataset, "model": model, "arm": "stale", "increment": k, "seed": seed,
-                             "run": str(run0), "seconds": round(seconds, 1), **scored(model_k, dirs[k], first_ids)})
+                             "run": str(run0), "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
+                             **scored(model_k, dirs[k], first_ids)})
 
 
 # -- results -----------------------------------------------------------------------------------------------
@@ -246,8 +251,11 @@ def chosen_update(records: list[dict]) -> str | None:
     return max(complete, key=lambda a: statistics.mean(complete[a])) if complete else None
 
 
-def cost(record: dict) -> float:
-    """An arm's cost in seconds: its epochs' logged time when trained, its wall time otherwise."""
+def cost(record: dict, other: dict | None = None) -> float:
+    """An arm's cost in seconds, compared with `other`'s in the same unit: CPU seconds when both have them (what
+    each would take on a quiet machine), else the epochs' logged wall time (robust to a resume)."""
+    if "cpu_seconds" in record and (other is None or "cpu_seconds" in other):
+        return record["cpu_seconds"]
     return record.get("train_seconds", record["seconds"])
 
 
@@ -262,8 +270,9 @@ def goals(records: list[dict], update: str | None) -> list[dict]:
         upd, stale = index[(ds, model, update, k)], index.get((ds, model, "stale", k))
         out.append({"dataset": ds, "model": model, "increment": k,
                     "update_within_1se": upd["test_ndcg10"] >= full["test_ndcg10"] - full["test_se"],
-                    "update_time_share": round(cost(upd) / cost(full), 3),
-                    "update_time_met": cost(upd) <= UPDATE_SHARE * cost(full),
+                    "update_time_share": round(cost(upd, full) / cost(full, upd), 3),
+                    "update_time_met": cost(upd, full) <= UPDATE_SHARE * cost(full, upd),
+                    "update_epoch_share": round(upd["epochs_run"] / full["epochs_run"], 3),
                     "stale_below_update": None if stale is None else stale["test_ndcg10"] < upd["test_ndcg10"],
                     "stale_gap_in_se": None if stale is None else
                     round((upd["test_ndcg10"] - stale["test_ndcg10"]) / max(upd["test_se"], 1e-12), 2)})

@@ -25,7 +25,9 @@ and measures
     input is encoded once per case (its client-side cost is reported apart: a Python client pays it per
     request unless it keeps the encoded list). With `--baseline-ref REF`, a repository exported by the code
     at git REF (a worktree in --work) is served beside it and its requests interleaved too: the no-rule
-    overhead of this code against REF's, in the same run.
+    overhead of this code against REF's, in the same run. `availability_50pct`: the 50% exclude list's items
+    made unavailable in a copy of the repository (`odmt availability`), served by a second server whose
+    requests carry no list and are interleaved with the others.
 Prints a table and writes benchmarks/results/serving_scale.json. The load generator shares the 2 cores
 with the server; the load average is recorded before and after.
 """
@@ -33,9 +35,11 @@ with the server; the load average is recorded before and after.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -259,7 +263,9 @@ def served(run: Path, data: Path, work: Path, sessions: list, args) -> dict:
 # -- business rules ----------------------------------------------------------------------------------
 
 RULE_CASES = {"include_1pct": ("include_ids", 0.01), "exclude_50pct": ("exclude_ids", 0.5),
-              "category_10pct": ("filter", 0.1)}
+              "category_10pct": ("filter", 0.1),
+              # exclude_50pct's items made unavailable in the repository (odmt availability): no list on the wire
+              "availability_50pct": ("availability", 0.5)}
 CATEGORIES = 10  # the rules DIR's category attribute: item j in c{j % 10}
 CATEGORY_FILTER = {"category": ["c3"]}  # 10% of the catalog
 
@@ -271,11 +277,14 @@ def rule_ids(data: Path, cases, seed: int = 0) -> dict[str, list[str]]:
 
     ids = [i for i in catalog_item_ids(data) if i]
     rng = np.random.default_rng(seed)
-    out = {}
+    out, drawn = {}, {}
     for case, (name, frac) in RULE_CASES.items():
-        picked = np.sort(rng.choice(len(ids), max(1, int(frac * len(ids))), replace=False))  # same lists as before
+        if name == "availability":  # the very items of the 50% exclude list, held by the server instead
+            drawn[case] = drawn["exclude_50pct"]
+        else:
+            drawn[case] = np.sort(rng.choice(len(ids), max(1, int(frac * len(ids))), replace=False))  # as before
         if case in cases:
-            out[case] = [json.dumps(CATEGORY_FILTER)] if name == "filter" else [ids[j] for j in picked]
+            out[case] = [json.dumps(CATEGORY_FILTER)] if name == "filter" else [ids[j] for j in drawn[case]]
     return out
 
 
@@ -292,7 +301,8 @@ def rule_of(data: Path, case: str, raw: list[str]):
     if name == "filter":
         return ItemRules(allow=torch.from_numpy(reference_filter_mask(run_attributes(_run_of(data), data), raw[0])))
     index = {v: i for i, v in enumerate(catalog_item_ids(data)) if v}
-    return ItemRules(**{name.split("_")[0]: torch.tensor([index[i] for i in raw])})
+    key = "exclude" if name == "availability" else name.split("_")[0]
+    return ItemRules(**{key: torch.tensor([index[i] for i in raw])})
 
 
 def _run_of(data: Path) -> Path:
@@ -365,8 +375,9 @@ def interleaved(urls: dict[str, str], cases: dict[str, list], sessions: list, n:
     return {case: {**percentiles(v), "requests": len(v)} for case, v in lat.items()}
 
 
-def filtered_recall(run: Path, data: Path, url: str, sessions: list, lists: dict, k: int) -> dict:
-    """{case: recall@10 of the served answers under the rule against the exact filtered top-k}."""
+def filtered_recall(run: Path, data: Path, urls: dict[str, str], sessions: list, lists: dict, k: int) -> dict:
+    """{case: recall@10 of the served answers under the rule against the exact filtered top-k}; `urls`: the
+    server of each case."""
     import torch
 
     from odmt_t4r.contract import catalog_item_ids
@@ -379,11 +390,12 @@ def filtered_recall(run: Path, data: Path, url: str, sessions: list, lists: dict
     ids = catalog_item_ids(data)
     hist = encoded_histories(data, sessions, model.config.max_length)
     out = {}
-    with RecommenderClient(url) as client:
-        for case in lists:
-            name = RULE_CASES[case][0]
-            rule = rule_of(data, case, lists[case])
-            given = {"filter": lists[case][0]} if name == "filter" else {name.split("_")[0]: lists[case]}
+    for case in lists:
+        name = RULE_CASES[case][0]
+        rule = rule_of(data, case, lists[case])
+        given = {} if name == "availability" else {"filter": lists[case][0]} if name == "filter" else \
+            {name.split("_")[0]: lists[case]}
+        with RecommenderClient(urls[case]) as client:
             served_, hits = [], []
             for c in range(0, len(sessions), 50):
                 served_ += client.recommend(sessions[c:c + 50], k, **given)
@@ -413,10 +425,22 @@ def rules_benchmark(run: Path, data: Path, work: Path, sessions: list, args) -> 
     rule_inputs = {}
     for case in lists:
         name = RULE_CASES[case][0]
+        if name == "availability":
+            continue  # nothing on the wire
         t = time.perf_counter()
         rule_inputs[case] = [_rule_input(name, lists[case])]
         entry.setdefault("client_encode_ms", {})[case] = round(1e3 * (time.perf_counter() - t), 1)
     entry["in_process_ms"] = rules_in_process(run, data, sessions[:20], lists, args.k)
+    available = [case for case in lists if RULE_CASES[case][0] == "availability"]
+    held = work / "repo-availability"  # the same repository with the case's items unavailable
+    if available:
+        from triton_models.availability import set_availability
+
+        shutil.rmtree(held, ignore_errors=True)
+        shutil.copytree(repo, held)
+        t = time.perf_counter()
+        set_availability(held, unavailable=lists[available[0]], log=lambda m: None)
+        entry["availability_set_s"] = round(time.perf_counter() - t, 1)
     baseline, tree = None, None
     if args.baseline_ref:
         baseline, entry["baseline_commit"], tree = baseline_repo(args.baseline_ref, run, data, work, args.k)
@@ -429,10 +453,16 @@ def rules_benchmark(run: Path, data: Path, work: Path, sessions: list, args) -> 
                                                                {"none": ("new", []), "none_baseline": ("baseline", [])},
                                                                sessions, args.rules_requests)
             cases = {"none": ("new", []), **{case: ("new", inputs) for case, inputs in rule_inputs.items()}}
-            log(f"  rules: {', '.join(cases)} interleaved, {args.rules_requests} rounds")
-            entry["latency"] = interleaved({"new": server.http_url}, cases, sessions, args.rules_requests)
-            entry["recall"] = filtered_recall(run, data, server.http_url, sessions[: args.rules_recall_sessions],
-                                              lists, args.k)
+            urls = {"new": server.http_url}
+            with contextlib.ExitStack() as more:
+                if available:
+                    urls["held"] = more.enter_context(TritonServer(held, log_file=work / "tritonserver-held.log",
+                                                                   timeout=3600)).http_url
+                    cases.update({case: ("held", []) for case in available})
+                log(f"  rules: {', '.join(cases)} interleaved, {args.rules_requests} rounds")
+                entry["latency"] = interleaved(urls, cases, sessions, args.rules_requests)
+                entry["recall"] = filtered_recall(run, data, {case: urls[cases[case][0]] for case in lists},
+                                                  sessions[: args.rules_recall_sessions], lists, args.k)
     finally:
         if tree is not None:  # the worktree's git metadata leaves with it
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False,
@@ -478,9 +508,16 @@ def rules_in_process(run: Path, data: Path, sessions: list, lists: dict, k: int)
             out["attribute_index_build_s"] = round(time.perf_counter() - t, 2)
         raw = np.array([i.encode("utf-8") for i in lists[case]], dtype=object)
         resolve, search = [], []
+        held = None
+        if name == "availability":  # resolved once per change, as the executor does (predict._availability_rule)
+            mask = torch.ones(len(ids), dtype=torch.bool)
+            mask[torch.from_numpy(index.get_indexer(raw) + 3)] = False
+            held = ItemRules(allow=mask)
         for i in range(len(hist)):
             t = time.perf_counter()
-            if name == "filter":
+            if held is not None:
+                rule = held
+            elif name == "filter":
                 rule = ItemRules(allow=torch.from_numpy(attributes.allowed(attributes.parse(raw[:1]))))
             else:
                 rule = ItemRules(**{name.split("_")[0]: torch.from_numpy(index.get_indexer(raw) + 3)})
