@@ -205,21 +205,10 @@ def _add_items(run: Path, items_csv, out, repo, seed, check_sessions, log, assum
                "first_index": first, "assumed_count": count}
     if repo is not None:
         summary["repo"] = str(Path(repo).resolve())
-        summary["repo_version"] = _add_to_repo(Path(repo), repo_manifest, out, check_sessions, say, lock)
+        from triton_models.export import add_run_version
+
+        summary["repo_version"] = add_run_version(Path(repo), repo_manifest, out, check_sessions, say, lock)
     return summary
-
-
-def _add_to_repo(repo: Path, manifest: dict, run: Path, check_sessions: int, say, lock) -> int:
-    from triton_models.export import checked_ensemble
-    from triton_models.repository import add_version, serving_config
-
-    try:
-        cfg = serving_config(manifest)
-        ensemble, predict, check = checked_ensemble(run, None, cfg, check_sessions, say)
-        return add_version(repo, ensemble, predict, run, check, say, lock=lock)["version"]
-    except (ValueError, OSError) as exc:  # the base type: subclasses (DataValidationError, ...) take other args
-        kind = OSError if isinstance(exc, OSError) else ValueError
-        raise kind(f"{exc} (the new RUN {run} is written; {repo} is unchanged and serves what it served)") from exc
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

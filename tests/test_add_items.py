@@ -3,12 +3,12 @@ version of a model repository swapped into a running `odmt serve` under load."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -159,9 +159,20 @@ def _serve(repo: Path, log: Path) -> tuple[subprocess.Popen, str]:
     return proc, f"127.0.0.1:{ports[0]}"
 
 
+@contextlib.contextmanager
+def serving(repo: Path, log: Path):
+    """`odmt serve` on `repo` for the block; yields its HTTP address."""
+    proc, url = _serve(repo, log)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
 @pytest.mark.slow
 def test_add_items_swaps_a_new_version_into_a_running_server_under_load(odmt_run, data_dir, catalog, tmp_path):
-    from tests.triton_fixtures import triton_available
+    from tests.triton_fixtures import triton_available, under_load
     from triton_models.client import RecommenderClient
     from triton_models.export import ServingConfig, export
     from triton_models.checks import example_sessions
@@ -170,55 +181,32 @@ def test_add_items_swaps_a_new_version_into_a_running_server_under_load(odmt_run
         pytest.fail("tritonserver is not installed: the hot update cannot be tested")
     repo = tmp_path / "repo"
     export(odmt_run, repo, ServingConfig(k=K), check_sessions=10)
-    proc, url = _serve(repo, tmp_path / "serve.log")
     sessions = example_sessions(data_dir, 8)
-    stop, failures, answered = threading.Event(), [], [0]
+    with serving(repo, tmp_path / "serve.log") as url:
+        with under_load(url, lambda client: client.recommend(sessions[:2]), clients=4) as load:
+            before = load.answered
+            summary = add_items(odmt_run, new_items_csv(tmp_path, catalog, [2, 4, 6]), out=tmp_path / "v2", repo=repo)
+            assert summary["repo_version"] == 2
+            new_ids = {"NEW0", "NEW1", "NEW2"}
+            client = RecommenderClient(url, protocol="http")
+            deadline, seen = time.monotonic() + 180, set()
+            while time.monotonic() < deadline and not new_ids <= seen:
+                seen = {i for answer in client.recommend([sessions[0]], k=K) for i, _ in answer}
+                time.sleep(0.2)
+            assert new_ids <= seen, (tmp_path / "serve.log").read_text()[-3000:]
+            # a session of new items is understood (not OOV): the answer equals the grown RUN's in-process one
+            from odmt_t4r.model import OdmtRecommender
+            from triton_models.checks import reference_recommend
+            from triton_models.graph import load_inference_workflow
 
-    def load():  # 4 clients sending continuously through the swap
-        client = RecommenderClient(url, protocol="http")
-        while not stop.is_set():
-            try:
-                client.recommend(sessions[:2])
-                answered[0] += 1
-            except Exception as exc:  # noqa: BLE001 - every failure counts
-                failures.append(repr(exc))
-
-    threads = [threading.Thread(target=load) for _ in range(4)]
-    try:
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 120  # a busy machine answers the first requests slowly
-        while answered[0] < 8 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        before = answered[0]
-        summary = add_items(odmt_run, new_items_csv(tmp_path, catalog, [2, 4, 6]), out=tmp_path / "v2", repo=repo)
-        assert summary["repo_version"] == 2
-        new_ids = {"NEW0", "NEW1", "NEW2"}
-        client = RecommenderClient(url, protocol="http")
-        deadline, seen = time.monotonic() + 180, set()
-        while time.monotonic() < deadline and not new_ids <= seen:
-            seen = {i for answer in client.recommend([sessions[0]], k=K) for i, _ in answer}
-            time.sleep(0.2)
-        assert new_ids <= seen, (tmp_path / "serve.log").read_text()[-3000:]
-        # a session of new items is understood (not OOV): the answer equals the grown RUN's in-process one
-        from odmt_t4r.model import OdmtRecommender
-        from triton_models.checks import reference_recommend
-        from triton_models.graph import load_inference_workflow
-
-        grown = OdmtRecommender.from_pretrained(tmp_path / "v2")
-        want, _ = reference_recommend(grown, load_inference_workflow(data_dir), run_item_ids(tmp_path / "v2"),
-                                      [["NEW0", "NEW1"]], K)
-        got = [i for i, _ in client.recommend([["NEW0", "NEW1"]], k=K)[0]]
-        assert got == [i for i in want[0] if i]
-        time.sleep(1)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=30)
-        proc.terminate()
-        proc.wait(timeout=60)
-    assert answered[0] > before > 0
-    assert failures == [], failures[:3]
+            grown = OdmtRecommender.from_pretrained(tmp_path / "v2")
+            want, _ = reference_recommend(grown, load_inference_workflow(data_dir), run_item_ids(tmp_path / "v2"),
+                                          [["NEW0", "NEW1"]], K)
+            got = [i for i, _ in client.recommend([["NEW0", "NEW1"]], k=K)[0]]
+            assert got == [i for i in want[0] if i]
+            time.sleep(1)
+    assert load.answered > before > 0
+    assert load.failures == [], load.failures[:3]
     assert "now serving version 2" in (tmp_path / "serve.log").read_text()
 
 

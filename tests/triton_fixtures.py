@@ -7,8 +7,12 @@ The toy `executor_model` (python backend) speaks the recommender wire contract o
 
 from __future__ import annotations
 
+import contextlib
 import textwrap
+import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -107,3 +111,34 @@ def triton_server(toy_repo, tmp_path_factory):
     log = tmp_path_factory.mktemp("triton_log") / "tritonserver.log"
     with TritonServer(toy_repo, log_file=log) as server:
         yield server
+
+
+@contextlib.contextmanager
+def under_load(url: str, request, clients: int = 2):
+    """`clients` threads calling `request(RecommenderClient)` in a loop until the block ends; yields the tally
+    (`answered`, `failures`: every exception, repr) once each client was answered about twice."""
+    from triton_models.client import RecommenderClient
+
+    tally, stop = SimpleNamespace(answered=0, failures=[]), threading.Event()
+
+    def loop():
+        client = RecommenderClient(url, protocol="http")
+        while not stop.is_set():
+            try:
+                request(client)
+                tally.answered += 1
+            except Exception as exc:  # noqa: BLE001 - every failure counts
+                tally.failures.append(repr(exc))
+
+    threads = [threading.Thread(target=loop) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 120  # a busy machine answers the first requests slowly
+        while tally.answered < 2 * clients and time.monotonic() < deadline:
+            time.sleep(0.2)
+        yield tally
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)

@@ -28,7 +28,7 @@ from triton_models.graph import ServingConfig, build_ensemble, graph_chain
 EXPORT_FLAGS = ("k", "transform", "max_batch_size", "max_queue_delay_us", "instances")  # ServingConfig fields
 from triton_models.repository import FORMAT, describe, write_models
 
-__all__ = ["FORMAT", "ServingConfig", "export", "checked_ensemble"]
+__all__ = ["FORMAT", "ServingConfig", "export", "checked_ensemble", "add_run_version"]
 
 
 def export(run: str | Path, out: str | Path, cfg: ServingConfig | None = None, data_dir: str | Path | None = None,
@@ -76,6 +76,21 @@ def _export(run: Path, stage: Path, cfg: ServingConfig, data_dir, check_sessions
     manifest = write_manifest(stage, describe(run, predict, cfg, check, models, version=1))  # last: hashes, signed
     say(f"built in {time.perf_counter() - t0:.1f}s")
     return manifest
+
+
+def add_run_version(repo: Path, manifest: dict, run: Path, check_sessions: int, say, lock) -> int:
+    """Checks `run`'s graph in-process and adds it as the next version of the live repository `repo` (whose
+    `manifest` passed its full check, under the held writer `lock`); returns the version. Add-items and promote
+    publish through it; on failure the repository serves what it served."""
+    from triton_models.repository import add_version, serving_config
+
+    try:
+        cfg = serving_config(manifest)
+        ensemble, predict, check = checked_ensemble(run, None, cfg, check_sessions, say)
+        return add_version(repo, ensemble, predict, run, check, say, lock=lock)["version"]
+    except (ValueError, OSError) as exc:  # the base type: subclasses (DataValidationError, ...) take other args
+        kind = OSError if isinstance(exc, OSError) else ValueError
+        raise kind(f"{exc} (the new RUN {run} is written; {repo} is unchanged and serves what it served)") from exc
 
 
 # -- CLI ---------------------------------------------------------------------------------------------

@@ -335,10 +335,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
               TrainConfig, only=TRAIN_FIELDS)
 
 
-def run(args: argparse.Namespace) -> int:
+def update_from_args(args: argparse.Namespace) -> dict:
+    """update_run with the parsed flags of add_arguments; its summary."""
     settings = {**given(args, UpdateConfig), **given(args, TrainConfig, only=TRAIN_FIELDS)}
     if args.no_progress:
         settings["progress"] = False
-    summary = update_run(args.run, args.data, args.out, settings, resume=args.resume)
-    print(json.dumps(summary, indent=2, default=str))
+    return update_run(args.run, args.data, args.out, settings, resume=args.resume)
+
+
+def run(args: argparse.Namespace) -> int:
+    print(json.dumps(update_from_args(args), indent=2, default=str))
     return 0
