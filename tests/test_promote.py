@@ -172,6 +172,45 @@ def test_the_served_run_itself_is_refused(world, repo, capsys):
     assert "already serves --run" in error_line(capsys.readouterr().err, "promote")
 
 
+def test_a_concurrent_writer_cannot_slip_in_between_the_score_and_the_write(world, repo, tmp_path, monkeypatch):
+    from odmt_t4r import promote
+    from odmt_t4r.catalog_update import add_items
+    from odmt_t4r.output_folder import OutputFolderError
+
+    (tmp_path / "z.csv").write_text("item_id\nZ0\n")
+    refused, real = [], promote.score_served
+
+    def score_while_another_writes(*args):  # add-items started while the served version is scored
+        with pytest.raises(OutputFolderError, match="another odmt process is writing") as caught:
+            add_items(world.run, tmp_path / "z.csv", out=tmp_path / "run-z", repo=repo, log=quiet)
+        refused.append(caught.value)
+        return real(*args)
+
+    monkeypatch.setattr(promote, "score_served", score_while_another_writes)
+    summary = promote.promote(world.run2, repo, promote.PromoteConfig(check_sessions=3), log=quiet)
+    assert refused and summary["version"] == 2 and not (tmp_path / "run-z").exists()
+
+
+def test_descent_follows_the_append_parents_and_stops_at_a_changed_one(tmp_path):
+    from triton_models.repository import descends_from
+
+    def prepared(name, parent=None):
+        folder = tmp_path / name
+        folder.mkdir()
+        record = {"dir": str(parent), "manifest_sha256": sha(parent)} if parent else None
+        (folder / "manifest.json").write_text(json.dumps({"name": name, "parent": record}))
+        return folder
+
+    sha = lambda d: hashlib.sha256((d / "manifest.json").read_bytes()).hexdigest()  # noqa: E731
+    d1 = prepared("d1")
+    d2 = prepared("d2", d1)
+    d3 = prepared("d3", d2)
+    assert descends_from(d1, sha(d1)) and descends_from(d3, sha(d1)) and descends_from(d3, sha(d2))
+    assert not descends_from(d2, sha(d3)) and not descends_from(prepared("other"), sha(d1))
+    (d2 / "manifest.json").write_text(json.dumps({"name": "d2", "parent": None}))  # DIR2 prepared again since
+    assert not descends_from(d3, sha(d1))
+
+
 # -- a live deployment ----------------------------------------------------------------------------------
 
 def served_new_items(client, session: list[str]) -> tuple[set[str], int | None]:
