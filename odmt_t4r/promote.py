@@ -59,13 +59,36 @@ def promote(run: str | Path, repo: str | Path, cfg: PromoteConfig | None = None,
 
 
 def _promote(run: Path, repo: Path, cfg: PromoteConfig, say, lock) -> dict:
-    from odmt_t4r.contract import RESERVED_ROWS, RunFolder, run_data_dir, run_item_ids
     from odmt_t4r.output_folder import fault_point
-    from odmt_t4r.trust import verify_prepared, verify_run
     from triton_models.export import add_run_version
-    from triton_models.repository import check_lineage, checked_repository
+    from triton_models.repository import checked_repository
 
     manifest = checked_repository(repo)
+    data_dir, served_run = checked_offer(run, repo, manifest, cfg.force, say)
+    figures = {"candidate": score_run(run, data_dir), "served": score_served(served_run, data_dir, cfg.force, say)}
+    wins = figures["served"] is None or figures["candidate"] >= figures["served"]
+    summary = {"promoted": bool(wins or cfg.force), "forced": cfg.force, "metric": f"fused {METRIC}", "split": SPLIT,
+               "data": str(data_dir), "run": str(run), "run_score": figures["candidate"],
+               "served_run": str(served_run), "served_score": figures["served"], "repo": str(repo),
+               "served_version": manifest.get("version", 1)}
+    verdict = (f"{METRIC} on {data_dir.name}/{SPLIT}: {run.name} {figures['candidate']:.4f}, served {served_run.name} "
+               + ("not scored" if figures["served"] is None else f"{figures['served']:.4f}"))
+    if not summary["promoted"]:
+        say(f"{verdict}: keeping version {summary['served_version']} ({repo} is unchanged)")
+        return summary
+    say(f"{verdict}: {'--force, ' if cfg.force and not wins else ''}publishing {run.name}")
+    fault_point("promote-before-write")
+    summary["version"] = add_run_version(repo, manifest, run, cfg.check_sessions, say, lock)
+    return summary
+
+
+def checked_offer(run: Path, repo: Path, manifest: dict, force: bool, say) -> tuple[Path, Path]:
+    """(RUN2's DIR2, the served RUN) once RUN2 and DIR2 pass their manifest checks and RUN2 the promotion lineage
+    (or `force` says to replace it)."""
+    from odmt_t4r.contract import RESERVED_ROWS, RunFolder, run_data_dir, run_item_ids
+    from odmt_t4r.trust import verify_prepared, verify_run
+    from triton_models.repository import check_lineage
+
     if not RunFolder(run).has_model():
         raise FileNotFoundError(f"--run {run} holds no trained model (config.json, model.pt); give the RUN2 "
                                 "`odmt update` wrote")
@@ -83,24 +106,10 @@ def _promote(run: Path, repo: Path, cfg: PromoteConfig, say, lock) -> dict:
         check_lineage(repo, manifest, run, model, data_dir, [str(i) for i in run_item_ids(run)[RESERVED_ROWS:]],
                       descendant=True, hint=hint)
     except ValueError as exc:
-        if not cfg.force:
+        if not force:
             raise
         say(f"--force: {exc}; replacing it anyway")
-    figures = {"candidate": score_run(run, data_dir), "served": score_served(served_run, data_dir, cfg.force, say)}
-    wins = figures["served"] is None or figures["candidate"] >= figures["served"]
-    summary = {"promoted": bool(wins or cfg.force), "forced": cfg.force, "metric": f"fused {METRIC}", "split": SPLIT,
-               "data": str(data_dir), "run": str(run), "run_score": figures["candidate"],
-               "served_run": str(served_run), "served_score": figures["served"], "repo": str(repo),
-               "served_version": manifest.get("version", 1)}
-    verdict = (f"{METRIC} on {data_dir.name}/{SPLIT}: {run.name} {figures['candidate']:.4f}, served {served_run.name} "
-               + ("not scored" if figures["served"] is None else f"{figures['served']:.4f}"))
-    if not summary["promoted"]:
-        say(f"{verdict}: keeping version {summary['served_version']} ({repo} is unchanged)")
-        return summary
-    say(f"{verdict}: {'--force, ' if cfg.force and not wins else ''}publishing {run.name}")
-    fault_point("promote-before-write")
-    summary["version"] = add_run_version(repo, manifest, run, cfg.check_sessions, say, lock)
-    return summary
+    return data_dir, served_run
 
 
 def score_run(run: Path, data_dir: Path) -> float:
@@ -135,8 +144,8 @@ def _score(model, data_dir: Path) -> float:
         return float(evaluate_model(model, PreparedData(data_dir), SPLIT)[METRIC])
 
 
-def exit_code(summary: dict) -> int:
-    """0 when RUN2 was published, KEPT_EXIT when the served version was kept (the summary is printed first)."""
+def report(summary: dict) -> int:
+    """Prints the summary on stdout; returns the exit code: 0 (published) or KEPT_EXIT (the served version kept)."""
     print(json.dumps(summary, indent=2, default=str))
     return 0 if summary["promoted"] else KEPT_EXIT
 
@@ -149,4 +158,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return exit_code(promote(args.run, args.repo, PromoteConfig(**given(args, PromoteConfig))))
+    return report(promote(args.run, args.repo, PromoteConfig(**given(args, PromoteConfig))))

@@ -64,7 +64,10 @@ def world(tmp_path_factory):
                                                                                     OLD_ITEMS + NEW_ITEMS)):
         frame.to_csv(root / f"{name}.csv", index=False)
         pd.DataFrame({"item_id": items}).to_csv(root / f"{name}-items.csv", index=False)
-    csv = lambda name: ["--interactions", str(root / f"{name}.csv"), "--items", str(root / f"{name}-items.csv")]  # noqa: E731
+
+    def csv(name):
+        return ["--interactions", str(root / f"{name}.csv"), "--items", str(root / f"{name}-items.csv")]
+
     assert main(["prepare", "--source", "csv", *csv("old"), "--no-features", "--max-length", "6",
                  "--out", str(root / "dir")]) == 0
     assert main(["prepare", "--source", "csv", *csv("new"), "--append-to", str(root / "dir"), "--out",

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from odmt_t4r.flags import add_flags, given
-from odmt_t4r.promote import PromoteConfig, exit_code, promote
+from odmt_t4r.promote import PromoteConfig, report, promote
 
 from . import update
 
@@ -26,4 +26,4 @@ def run(args: argparse.Namespace) -> int:
         return update.run(args)
     summary = update.update_from_args(args)
     promotion = promote(summary["run"], args.repo, PromoteConfig(**given(args, PromoteConfig)))
-    return exit_code({**promotion, "update": summary})
+    return report({**promotion, "update": summary})
