@@ -325,3 +325,33 @@ def test_a_repository_without_rule_inputs_is_refused_with_the_way_out(triton_ser
     assert main(["recommend", "--url", triton_server.http_url, "--items", "a", "--include", "b"]) == 2
     assert capsys.readouterr().err.strip().endswith(
         "takes no business rules: export the RUN again with this version of odmt to use --exclude / --include")
+
+
+def test_the_executors_bytes_deserializer_equals_the_stubs(monkeypatch):
+    """executor_model.deserialize_bytes_tensor replaces the stub's (a list's cost is its transport): the same
+    arrays for one-width IDs, mixed widths, empty IDs, IDs ending in NUL, non-ASCII IDs and no IDs at all."""
+    import importlib.util
+    import struct
+    import sys
+
+    from triton_models._tritonenv import find_triton
+
+    path = find_triton().backend_dir / "python" / "triton_python_backend_utils.py"
+    spec = importlib.util.spec_from_file_location("triton_python_backend_utils", path)
+    stub = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stub)
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", stub)
+    monkeypatch.delitem(sys.modules, "triton_models.executor_model", raising=False)
+    from triton_models.executor_model import deserialize_bytes_tensor
+
+    cases = {"one width": [f"I{j:07d}".encode() for j in range(1000)],
+             "mixed widths": [f"I{j}".encode() for j in range(1000)],
+             "empty and odd": [b"", b"a", b"", "日本語".encode(), b"x\x00"],
+             "one width, one ending in NUL": [b"ab\x00", b"abc", b"abd"],
+             "none": []}
+    for name, ids in cases.items():
+        wire = b"".join(struct.pack("<I", len(i)) + i for i in ids)
+        got, want = deserialize_bytes_tensor(wire), stub.deserialize_bytes_tensor(wire)
+        assert got.dtype == object and got.shape == want.shape, name
+        assert got.tolist() == want.tolist() == ids, name
+        assert all(type(v) is bytes for v in got), name

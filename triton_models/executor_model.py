@@ -53,6 +53,29 @@ MAX_SESSIONS_PER_RUN = 256  # default; the model config parameter `max_sessions_
 AVAILABILITY = "availability.json"  # triton_models.availability.AVAILABILITY, at the repository's root
 
 
+def deserialize_bytes_tensor(encoded) -> np.ndarray:
+    """triton_python_backend_utils.deserialize_bytes_tensor, fast: a BYTES tensor's wire form (a 4-byte little-endian
+    length, then the bytes, per element) -> a 1-D object array of bytes. The stub's own version unpacks each
+    element with a freshly formatted struct string (about 0.6 µs per element), which made a 500,000-ID
+    `exclude_ids` list cost 300 ms; IDs of one width (the common case) are cut with numpy in one pass."""
+    data = bytes(encoded)
+    if len(data) >= 4:
+        width = int.from_bytes(data[:4], "little")
+        if width and len(data) % (4 + width) == 0:
+            rows = np.frombuffer(data, dtype=np.uint8).reshape(-1, 4 + width)
+            # every element that width, none ending in NUL (numpy's S type would strip it)
+            if (np.ascontiguousarray(rows[:, :4]).view("<u4").ravel() == width).all() and rows[:, -1].all():
+                return np.ascontiguousarray(rows[:, 4:]).view(f"S{width}").ravel().astype(object)
+    items, at, size_of = [], 0, int.from_bytes
+    while at < len(data):
+        size = size_of(data[at:at + 4], "little")
+        items.append(data[at + 4:at + 4 + size])
+        at += 4 + size
+    out = np.empty(len(items), dtype=object)
+    out[:] = items
+    return out
+
+
 class RequestError(ValueError):
     """A request the model cannot run (bad offsets, ...): answered with an error, the batch goes on."""
 
@@ -87,6 +110,8 @@ class Availability:
 
 class TritonPythonModel(MerlinExecutorModel):
     def initialize(self, args):
+        # the stub converts every BYTES input through this module function: use the fast one (see above)
+        pb_utils.deserialize_bytes_tensor = deserialize_bytes_tensor
         super().initialize(args)
         config = json.loads(args["model_config"])
         self.batched = int(config.get("max_batch_size", 0) or 0) > 0
