@@ -139,7 +139,7 @@ class FakeRequest:
 
 
 @pytest.fixture
-def executor(served_graph, monkeypatch):
+def executor(served_graph, monkeypatch, tmp_path):
     """Our executor_model.py under a stand-in for Triton's python-backend module, on the in-process graph."""
     ensemble, predict = served_graph
     fake = types.ModuleType("triton_python_backend_utils")
@@ -158,7 +158,9 @@ def executor(served_graph, monkeypatch):
 
     monkeypatch.setattr(Merlin, "initialize", lambda self, args: setattr(self, "ensemble", ensemble))
     model = executor_model.TritonPythonModel()
-    model.initialize({"model_config": '{"max_batch_size": 64}'})
+    # Triton passes the model's folder; this repository has no availability file: every item available
+    model.initialize({"model_config": '{"max_batch_size": 64}',
+                      "model_repository": str(tmp_path / "repository" / "executor_model")})
     assert model.explainers == [predict]
     calls = []
     original = predict.explain
