@@ -3,13 +3,16 @@
 
     .venv/bin/python benchmarks/cold_start.py [--cold-items 0.1] [--models odmt sasrec] [--seeds 0 1 2]
                                               [--epochs N] [--patience P] [--work benchmarks/work/cold]
+                                              [--served] [--out benchmarks/results/cold_start.json]
 
 Steps: `odmt prepare --source fashion --cold-items F` into WORK/data/fashion-cold<F>; each (model, seed)
 trains there exactly as benchmarks/quality.py trains it (its `one_run`: same presets, budget, early
 stopping on validation, fusion chosen on validation; finished runs are reused, interrupted ones resumed);
 `add_items(RUN, DIR/cold/items.csv, assumed_count=A)` writes RUN.cold-A; `evaluate_cold_slice` scores it. Nothing is chosen
 on test. Writes benchmarks/results/cold_start.json (every run, mean/std per model, the goal: fused odmt
-NDCG@10 >= 5x sasrec's on cold targets) and prints a markdown table.
+NDCG@10 >= 5x sasrec's on cold targets) and prints a markdown table. With --served, each RUN.cold is also
+exported and served by a real Triton server, and the new-arrivals shelf (the filter {"new_arrival": true}) is
+scored through it: its HR@10 / NDCG@10, and list by list against the in-process ranking among the held-out items.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import numpy as np  # noqa: E402
 import quality  # noqa: E402  (the runs are quality.py's: same training, same resume)
 import torch  # noqa: E402
 
@@ -73,6 +77,11 @@ class WithoutPrior(AmongHeldOut):
         return out
 
 
+def cold_run(run: Path, assumed_count: str) -> Path:
+    """Where cold_metrics writes RUN after add-items of the held-out items."""
+    return run.with_name(f"{run.name}.cold-{assumed_count}")
+
+
 def cold_metrics(run: Path, data: Path, assumed_count: str = "median") -> dict:
     """The cold slice of RUN after add-items (RUN.cold-<assumed count>, written once and then reused), plus the same
     slice ranked among the held-out items only (`held_out_only/...`) and without the popularity prior
@@ -83,7 +92,7 @@ def cold_metrics(run: Path, data: Path, assumed_count: str = "median") -> dict:
     from odmt_t4r.training.data import PreparedData
     from odmt_t4r.training.evaluate import evaluate_cold_slice
 
-    added = run.with_name(f"{run.name}.cold-{assumed_count}")
+    added = cold_run(run, assumed_count)
     done = added / "metrics-test-cold.json"
     if done.is_file():
         return json.loads(done.read_text())
@@ -97,6 +106,49 @@ def cold_metrics(run: Path, data: Path, assumed_count: str = "median") -> dict:
     metrics.update({f"no_prior/{k}": v for k, v in unbiased.items() if "@" in k and "coverage" not in k})
     done.write_text(json.dumps(metrics, indent=2, default=str))
     return metrics
+
+
+def served_shelf(added: Path, data: Path, work: Path, k: int = 10) -> dict:
+    """The new-arrivals shelf through the served path: RUN.cold (add-items' output) exported and served by a real
+    Triton server; each cold test user's history sent as the session with the filter {"new_arrival": true} and
+    their earlier held-out items as `exclude_ids` (the protocol's exclusions). Returns HR@k / NDCG@k of the served
+    answers and how many users' served top k equal the in-process ranking among the held-out items (fused)."""
+    from odmt_t4r.contract import read_cold_test, run_item_ids
+    from odmt_t4r.model import OdmtRecommender
+    from odmt_t4r.training.data import PreparedData
+    from odmt_t4r.training.evaluate import _padded
+    from triton_models.client import RecommenderClient
+    from triton_models.export import ServingConfig, export
+    from triton_models.server import TritonServer
+
+    rows, ids = read_cold_test(data), run_item_ids(added, data)
+    model = OdmtRecommender.from_pretrained(added).eval()
+    shelf = AmongHeldOut(model, PreparedData(data).info.n_index)  # the trained catalog's rows: off the shelf
+    index = {raw: i for i, raw in enumerate(ids) if raw}
+    expected = []  # in-process: the fused ranking among the held-out items, earlier items excluded
+    with torch.no_grad():
+        for start in range(0, len(rows), 256):
+            part = rows.iloc[start:start + 256]
+            scores = shelf.score(torch.from_numpy(_padded(list(part["history"]), model.config.max_length)))["fused"]
+            for b, (history, earlier) in enumerate(zip(part["history"], part["earlier_cold_ids"])):
+                scores[b, [*history, *(index[i] for i in earlier)]] = float("-inf")
+            expected += [[ids[i] for i in row] for row in scores.topk(k, dim=1).indices.tolist()]
+    repo = work / "repos" / added.name
+    export(added, repo, ServingConfig(k=k), data_dir=data, check_sessions=20, log=lambda m: None)
+    hits, ndcg, equal = 0, 0.0, 0
+    with TritonServer(repo, log_file=work / f"tritonserver-{added.name}.log") as server:
+        client = RecommenderClient(server.http_url)
+        for (history, earlier, target), want in zip(rows[["history", "earlier_cold_ids", "target_id"]].itertuples(index=False),
+                                                    expected):
+            answer = [item for item, _ in client.recommend([[ids[i] for i in history]], k=k, exclude=list(earlier) or None,
+                                                           filter={"new_arrival": True})[0]]
+            equal += answer == want
+            if target in answer:
+                hits += 1
+                ndcg += 1.0 / np.log2(answer.index(target) + 2)
+    n = len(rows)
+    return {"users": n, f"HR@{k}": hits / n, f"NDCG@{k}": ndcg / n, "equal_to_in_process": equal,
+            "filter": {"new_arrival": True}, "repository": str(repo)}
 
 
 def goal(agg: dict) -> dict:
@@ -130,6 +182,17 @@ def markdown(agg: dict, n_users: int, n_items: int, fraction: float) -> str:
     return "\n".join(lines)
 
 
+def served_markdown(runs: list[dict]) -> str:
+    lines = ["| model | seed | users | served shelf HR@10 | NDCG@10 | in-process among held-out: HR@10 | NDCG@10 | "
+             "served top 10 = in-process |", "|---" * 8 + "|"]
+    for r in runs:
+        got = r["served_shelf"]
+        lines.append(f"| {r['model']} | {r['seed']} | {got['users']} | {got['HR@10']:.4f} | {got['NDCG@10']:.4f} | "
+                     f"{r['held_out_only/HR@10']:.4f} | {r['held_out_only/NDCG@10']:.4f} | "
+                     f"{got['equal_to_in_process']} of {got['users']} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cold-items", type=float, default=0.1, help="share of the interacted catalog held out")
@@ -141,6 +204,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--assumed-count", default="median",
                     help="odmt add-items --assumed-count: the train count the prior gives the added items")
+    ap.add_argument("--served", action="store_true",
+                    help="also serve each RUN.cold on a real Triton server and score the new-arrivals shelf through it")
     ap.add_argument("--train-only", action="store_true", help="prepare and train; no add-items, no cold slice")
     args = ap.parse_args()
     torch.set_num_threads(1)  # one core per benchmark job, as in quality.py
@@ -158,6 +223,12 @@ def main() -> None:
             cold = cold_metrics(run, data, args.assumed_count)
             print(f"  cold slice {model} s{seed}: NDCG@10 {cold['NDCG@10']:.4f} " + " ".join(
                 f"{b} {cold[b + '/NDCG@10']:.4f}" for b in ("id", "text", "image") if f"{b}/NDCG@10" in cold), flush=True)
+            if args.served:
+                cold = {**cold, "served_shelf": served_shelf(cold_run(run, args.assumed_count), data, work)}
+                got = cold["served_shelf"]
+                print(f"  served new-arrivals shelf {model} s{seed}: HR@10 {got['HR@10']:.4f} NDCG@10 {got['NDCG@10']:.4f} "
+                      f"(in-process among held-out: {cold['held_out_only/HR@10']:.4f} / {cold['held_out_only/NDCG@10']:.4f}); "
+                      f"{got['equal_to_in_process']} of {got['users']} top-10 lists equal", flush=True)
             runs.append({**cold, "dataset": dataset, "model": model, "seed": seed, "run": str(run),
                          "train_seconds": normal["train_seconds"],
                          "normal_test": {k: normal[k] for k in quality.METRICS}})
@@ -172,6 +243,8 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2, default=str))
     print(markdown(agg, n_users, n_items, args.cold_items))
+    if args.served:
+        print("\n" + served_markdown(runs))
     print(json.dumps(result["goal"]))
     print(f"wrote {args.out}")
 

@@ -18,7 +18,8 @@ from odmt_t4r.model import OdmtRecommender
 from odmt_t4r.model.retrieval import ItemRules, RetrievalConfig
 from tests.test_serving import (ATOL, K, OFFSETS, VALUES, data_dir, fast_server, known, raw_infer,  # noqa: F401
                                 run_dir, serve, sessions, workflow_server)
-from tests.triton_fixtures import expected, toy_repo, triton_available, triton_server  # noqa: F401
+from tests.triton_fixtures import (executor_module_under, expected, toy_repo, triton_available,  # noqa: F401
+                                   triton_server)
 from triton_models.checks import catalog_ids, reference_recommend
 from triton_models.client import RecommenderClient
 from triton_models.graph import load_inference_workflow
@@ -332,7 +333,6 @@ def test_the_executors_bytes_deserializer_equals_the_stubs(monkeypatch):
     arrays for one-width IDs, mixed widths, empty IDs, IDs ending in NUL, non-ASCII IDs and no IDs at all."""
     import importlib.util
     import struct
-    import sys
 
     from triton_models._tritonenv import find_triton
 
@@ -340,9 +340,7 @@ def test_the_executors_bytes_deserializer_equals_the_stubs(monkeypatch):
     spec = importlib.util.spec_from_file_location("triton_python_backend_utils", path)
     stub = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(stub)
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", stub)
-    monkeypatch.delitem(sys.modules, "triton_models.executor_model", raising=False)
-    from triton_models.executor_model import deserialize_bytes_tensor
+    deserialize_bytes_tensor = executor_module_under(monkeypatch, stub).deserialize_bytes_tensor
 
     cases = {"one width": [f"I{j:07d}".encode() for j in range(1000)],
              "mixed widths": [f"I{j}".encode() for j in range(1000)],

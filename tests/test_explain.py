@@ -1,7 +1,6 @@
 """Per-branch explanations in-process: what a contribution is, which branch drove an item, and that the
 executor skips them for requests that do not ask (tests/test_serving.py checks them on the real server)."""
 
-import sys
 import types
 from types import SimpleNamespace
 
@@ -10,6 +9,7 @@ import pytest
 import torch
 
 from odmt_t4r.model.explain import BranchExplainer, driving_branches, fusion_weights
+from tests.triton_fixtures import executor_module_under
 from triton_models.checks import catalog_ids, example_sessions
 from triton_models.client import encode_sessions
 from triton_models.export import ServingConfig
@@ -150,11 +150,8 @@ def executor(served_graph, monkeypatch, tmp_path):
     fake.TritonModelException = RuntimeError
     fake.get_input_tensor_by_name = lambda request, name: (
         SimpleNamespace(as_numpy=lambda: request.tensors[name]) if name in request.tensors else None)
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
-    monkeypatch.delitem(sys.modules, "triton_models.executor_model", raising=False)
+    executor_model = executor_module_under(monkeypatch, fake)
     from merlin.systems.triton.models.executor_model import TritonPythonModel as Merlin
-
-    from triton_models import executor_model
 
     monkeypatch.setattr(Merlin, "initialize", lambda self, args: setattr(self, "ensemble", ensemble))
     model = executor_model.TritonPythonModel()

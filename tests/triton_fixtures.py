@@ -142,3 +142,18 @@ def under_load(url: str, request, clients: int = 2):
         stop.set()
         for t in threads:
             t.join(timeout=30)
+
+
+def executor_module_under(monkeypatch, pb_utils):
+    """triton_models.executor_model imported afresh with `pb_utils` as triton_python_backend_utils (it binds the
+    module at import). Both the sys.modules entry and the package attribute go: `from triton_models import
+    executor_model` would otherwise return a copy an earlier test imported under another pb_utils."""
+    import importlib
+    import sys
+
+    import triton_models
+
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb_utils)
+    monkeypatch.delitem(sys.modules, "triton_models.executor_model", raising=False)
+    monkeypatch.delattr(triton_models, "executor_model", raising=False)
+    return importlib.import_module("triton_models.executor_model")

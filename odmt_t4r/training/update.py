@@ -22,9 +22,10 @@ catalog_item_ids for DIR2), never through its index. The update
      the update's settings).
 A killed update continues with the same command and `--resume`, exactly as `odmt train --resume` does.
 
-Defaults (UpdateConfig): a shorter budget, a shorter patience and a lower learning rate than a training from
-scratch, since the model starts near a good point. They are provisional until benchmarks/continual.py measures
-them on validation.
+Defaults (UpdateConfig): a shorter budget and patience than a training from scratch, since the model starts near
+a good point; RUN's own learning rate, every user's rows. benchmarks/continual.py chose them on validation
+(docs/benchmarks/continual.md): x1 beat x0.3 and x2, the recent window lost to replaying every user, and a
+ceiling of 6 epochs lost to 10.
 """
 
 from __future__ import annotations
@@ -57,12 +58,12 @@ TRAIN_FIELDS = ("seed", "batch_size", "eval_batch_size", "weight_decay", "grad_c
 class UpdateConfig:
     """How RUN is fine-tuned on DIR2; every other setting is RUN's (TRAIN_FIELDS may be given too)."""
 
-    epochs: int = field(default=10, metadata=flag("the fine-tune's epoch ceiling; early stopping on DIR2's "
-                                                  "validation split ends most updates sooner"))
+    epochs: int = field(default=10, metadata=flag("the fine-tune's epoch ceiling (early stopping on DIR2's "
+                                                  "validation split may end it sooner)"))
     patience: int = field(default=3, metadata=flag("epochs without a better valid score before the fine-tune stops"))
     lr: float | None = field(default=None, metadata=flag("the fine-tune's learning rate",
                                                          none="RUN's learning rate x --lr-factor"))
-    lr_factor: float = field(default=0.3, metadata=flag("with no --lr: RUN's learning rate times this"))
+    lr_factor: float = field(default=1.0, metadata=flag("with no --lr: RUN's learning rate times this"))
     window: str = field(default="all", metadata=flag(
         "which train rows the fine-tune replays: all (every user's) or recent (only the users with interactions "
         "that are new in DIR2: cheaper per epoch)", choices=WINDOWS))
