@@ -1,7 +1,7 @@
 """Continual benchmark: keeping a model fresh on a time-ordered stream, with no future data anywhere.
 
     .venv/bin/python benchmarks/continual.py [--datasets ml-100k fashion] [--models odmt sasrec] [--seed 0]
-        [--cut 0.7] [--step 0.1] [--increments 3] [--updates lr0.3 lr1 lr1-recent] [--work benchmarks/work/continual]
+        [--cut 0.7] [--step 0.1] [--increments 3] [--updates lr1 ...] [--work benchmarks/work/continual] [--report-only]
 
 Each dataset's interactions are ordered by time. DIR_0 holds the first `cut` of them (and the items they
 name); increment k appends the next `step` (and the items first named there) with `odmt prepare --append-to
@@ -16,7 +16,9 @@ interaction so far), for every model:
 Reported per arm: valid and test NDCG@10 (fused) with its standard error over users, test NDCG@10 on the
 users whose target is an item added after the cut ("new items"), how many of those items the arm indexes and
 how many it puts in anyone's top 10, and the arm's wall time. Finished steps are recorded in WORK/records
-and reused; an interrupted training resumes. Writes benchmarks/results/continual.json and prints a table.
+and reused; an interrupted training resumes. Writes benchmarks/results/continual.json and prints two tables:
+every arm, and the goals per increment with the chosen update (mean ± std over every seed recorded in WORK;
+run the script once per --seed).
 """
 from __future__ import annotations
 
@@ -242,13 +244,18 @@ def stale_arm(dataset: str, model: str, k: int, dirs: list[Path], seed: int, rec
 # -- results -----------------------------------------------------------------------------------------------
 
 def chosen_update(records: list[dict]) -> str | None:
-    """The update arm with the best mean valid NDCG@10 over every dataset, model and increment it ran."""
-    by_arm: dict[str, list[float]] = {}
+    """The update arm with the best mean valid NDCG@10 over the (dataset, model, increment, seed) cases that every
+    update arm ran (a variant run on one seed only is compared on that seed)."""
+    by_arm: dict[str, dict[tuple, float]] = {}
     for r in records:
         if r["arm"].startswith("update") and r["increment"] > 0:
-            by_arm.setdefault(r["arm"], []).append(r["valid_ndcg10"])
-    complete = {a: v for a, v in by_arm.items() if len(v) == max(len(x) for x in by_arm.values())}
-    return max(complete, key=lambda a: statistics.mean(complete[a])) if complete else None
+            by_arm.setdefault(r["arm"], {})[(r["dataset"], r["model"], r["increment"], r["seed"])] = r["valid_ndcg10"]
+    if not by_arm:
+        return None
+    common = set.intersection(*(set(cases) for cases in by_arm.values()))
+    if not common:
+        return None
+    return max(by_arm, key=lambda a: statistics.mean(by_arm[a][c] for c in common))
 
 
 def cost(record: dict, other: dict | None = None) -> float:
@@ -259,34 +266,67 @@ def cost(record: dict, other: dict | None = None) -> float:
     return record.get("train_seconds", record["seconds"])
 
 
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
 def goals(records: list[dict], update: str | None) -> list[dict]:
-    """The issue's goals, per dataset, model and increment: the update within one standard error of the full
-    retrain on test, at <= UPDATE_SHARE of its wall time; the stale arm below the update."""
-    index = {(r["dataset"], r["model"], r["arm"], r["increment"]): r for r in records}
+    """The issue's goals, per dataset, model and increment, over the seeds where the full retrain, the chosen update
+    and the stale arm all ran: the update's mean test NDCG@10 at least the full retrain's mean minus one standard
+    error (over users, the mean of the seeds'), at <= UPDATE_SHARE of its cost (the median of the seeds' shares);
+    the stale arm's mean below the update's."""
+    index = {(r["dataset"], r["model"], r["arm"], r["increment"], r["seed"]): r for r in records}
+    cases: dict[tuple, list[int]] = {}
+    for (ds, model, arm, k, seed) in index:
+        if arm == "full" and k > 0 and all((ds, model, a, k, seed) in index for a in (update, "stale")):
+            cases.setdefault((ds, model, k), []).append(seed)
     out = []
-    for (ds, model, arm, k), full in sorted(index.items()):
-        if arm != "full" or k == 0 or (ds, model, update, k) not in index:
-            continue
-        upd, stale = index[(ds, model, update, k)], index.get((ds, model, "stale", k))
-        out.append({"dataset": ds, "model": model, "increment": k,
-                    "update_within_1se": upd["test_ndcg10"] >= full["test_ndcg10"] - full["test_se"],
-                    "update_time_share": round(cost(upd, full) / cost(full, upd), 3),
-                    "update_time_met": cost(upd, full) <= UPDATE_SHARE * cost(full, upd),
-                    "update_epoch_share": round(upd["epochs_run"] / full["epochs_run"], 3),
-                    "stale_below_update": None if stale is None else stale["test_ndcg10"] < upd["test_ndcg10"],
-                    "stale_gap_in_se": None if stale is None else
-                    round((upd["test_ndcg10"] - stale["test_ndcg10"]) / max(upd["test_se"], 1e-12), 2)})
+    for (ds, model, k), seeds in sorted(cases.items()):
+        seeds = sorted(seeds)
+        full, upd, stale = ([index[(ds, model, a, k, s)] for s in seeds] for a in ("full", update, "stale"))
+        (f_mean, f_std), (u_mean, u_std), (s_mean, s_std) = (
+            _mean_std([r["test_ndcg10"] for r in arm]) for arm in (full, upd, stale))
+        f_se, u_se = statistics.mean(r["test_se"] for r in full), statistics.mean(r["test_se"] for r in upd)
+        shares = [cost(u, f) / cost(f, u) for u, f in zip(upd, full)]
+        out.append({"dataset": ds, "model": model, "increment": k, "seeds": seeds,
+                    "full_test": round(f_mean, 4), "full_test_std": round(f_std, 4), "full_test_se": round(f_se, 4),
+                    "update_test": round(u_mean, 4), "update_test_std": round(u_std, 4),
+                    "stale_test": round(s_mean, 4), "stale_test_std": round(s_std, 4),
+                    "update_within_1se": u_mean >= f_mean - f_se,
+                    "update_gap_in_se": round((u_mean - f_mean) / max(f_se, 1e-12), 2),
+                    "update_time_share": round(statistics.median(shares), 3),
+                    "update_time_met": statistics.median(shares) <= UPDATE_SHARE,
+                    "update_epoch_share": round(statistics.median(u["epochs_run"] / f["epochs_run"]
+                                                                  for u, f in zip(upd, full)), 3),
+                    "stale_below_update": s_mean < u_mean,
+                    "stale_gap_in_se": round((u_mean - s_mean) / max(u_se, 1e-12), 2)})
     return out
 
 
 def markdown(records: list[dict], update: str | None) -> str:
-    lines = ["| dataset | model | k | arm | valid NDCG@10 | test NDCG@10 ± se | new-item NDCG@10 (users) | "
-             "new items indexed / in a top 10 | seconds |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(records, key=lambda r: (r["dataset"], r["model"], r["increment"], r["arm"])):
+    lines = ["| dataset | model | k | arm | seed | valid NDCG@10 | test NDCG@10 ± se | new-item NDCG@10 (users) | "
+             "new items indexed / in a top 10 | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(records, key=lambda r: (r["dataset"], r["model"], r["increment"], r["arm"], r["seed"])):
         mark = " (chosen)" if r["arm"] == update else ""
-        lines.append(f"| {r['dataset']} | {r['model']} | {r['increment']} | {r['arm']}{mark} | {r['valid_ndcg10']:.4f} | "
-                     f"{r['test_ndcg10']:.4f} ± {r['test_se']:.4f} | {r['new_ndcg10']:.4f} ({r['new_test_users']}) | "
+        lines.append(f"| {r['dataset']} | {r['model']} | {r['increment']} | {r['arm']}{mark} | {r['seed']} | "
+                     f"{r['valid_ndcg10']:.4f} | {r['test_ndcg10']:.4f} ± {r['test_se']:.4f} | "
+                     f"{r['new_ndcg10']:.4f} ({r['new_test_users']}) | "
                      f"{r['new_items_indexed']} / {r['new_items_recommended']} of {r['new_items']} | {cost(r):.0f} |")
+    return "\n".join(lines)
+
+
+def goals_markdown(goal_rows: list[dict]) -> str:
+    """The goals per increment: mean ± std over seeds of the full retrain, the chosen update and the stale arm."""
+    lines = ["| dataset | model | k | seeds | full retrain (± std; se) | update | within 1 se | stale | "
+             "stale below update (gap in se) | update / full cost (median) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for g in goal_rows:
+        lines.append(f"| {g['dataset']} | {g['model']} | {g['increment']} | {len(g['seeds'])} | "
+                     f"{g['full_test']:.4f} ± {g['full_test_std']:.4f}; {g['full_test_se']:.4f} | "
+                     f"{g['update_test']:.4f} ± {g['update_test_std']:.4f} | "
+                     f"{'yes' if g['update_within_1se'] else 'no'} ({g['update_gap_in_se']:+.2f}) | "
+                     f"{g['stale_test']:.4f} ± {g['stale_test_std']:.4f} | "
+                     f"{'yes' if g['stale_below_update'] else 'no'} ({g['stale_gap_in_se']:+.2f}) | "
+                     f"{g['update_time_share']:.2f} |")
     return "\n".join(lines)
 
 
@@ -301,7 +341,10 @@ def with_train_seconds(record: dict) -> dict:
 def write_results(records: Records, args) -> dict:
     everything = [with_train_seconds(r) for r in records.all()]
     update = chosen_update(everything)
-    result = {"settings": {k: v for k, v in vars(args).items() if k != "work"}, "chosen_update": update,
+    settings = {"cut": args.cut, "step": args.step, "increments": args.increments,  # of the stream in WORK
+                "datasets": sorted({r["dataset"] for r in everything}), "seeds": sorted({r["seed"] for r in everything}),
+                "arms": sorted({r["arm"] for r in everything})}
+    result = {"settings": settings, "chosen_update": update,
               "update_share_goal": UPDATE_SHARE, "goals": goals(everything, update), "records": everything,
               "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -315,14 +358,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--datasets", nargs="+", default=["ml-100k", "fashion"])
     p.add_argument("--models", nargs="+", default=["odmt", "sasrec"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the seed of this run's trainings; run once per seed: the "
+                   "goals are computed over every seed recorded in WORK")
     p.add_argument("--cut", type=float, default=0.7, help="share of the timeline the first model is trained on")
     p.add_argument("--step", type=float, default=0.1, help="share of the timeline each increment adds")
     p.add_argument("--increments", type=int, default=3)
-    p.add_argument("--updates", nargs="+", default=["lr0.3", "lr1", "lr1-recent"],
+    p.add_argument("--updates", nargs="+", default=["lr1"],
                    help="update chains to compare: lr<F> (--lr-factor), recent/all (--window), e<N> (--epochs), "
                         "joined by '-'; the update's defaults are chosen among them on validation")
     p.add_argument("--work", type=Path, default=Path(__file__).parent / "work" / "continual")
+    p.add_argument("--report-only", action="store_true", help="train nothing: the tables of what WORK records")
     args = p.parse_args()
     if not (0 < args.cut < 1 and args.step > 0 and args.increments >= 1):
         p.error("--cut must be in (0, 1), --step > 0 and --increments >= 1")
@@ -333,7 +378,7 @@ def main() -> None:
             p.error(str(exc))
     torch.set_num_threads(1)
     records = Records(args.work)
-    for dataset in args.datasets:
+    for dataset in [] if args.report_only else args.datasets:
         dirs = prepared_stream(dataset, args.work, args.cut, args.step, args.increments)
         from odmt_t4r.contract import catalog_item_ids
         first_ids = {i for i in catalog_item_ids(dirs[0]) if i}
@@ -350,7 +395,8 @@ def main() -> None:
                 write_results(records, args)
     result = write_results(records, args)
     print(markdown(result["records"], result["chosen_update"]))
-    print(json.dumps(result["goals"], indent=2))
+    print()
+    print(goals_markdown(result["goals"]))
 
 
 if __name__ == "__main__":
