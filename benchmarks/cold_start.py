@@ -24,7 +24,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
 import quality  # noqa: E402  (the runs are quality.py's: same training, same resume)
 import torch  # noqa: E402
 
@@ -117,6 +116,7 @@ def served_shelf(added: Path, data: Path, work: Path, k: int = 10) -> dict:
     from odmt_t4r.model import OdmtRecommender
     from odmt_t4r.training.data import PreparedData
     from odmt_t4r.training.evaluate import _padded
+    from odmt_t4r.training.metrics import hr_ndcg
     from triton_models.client import RecommenderClient
     from triton_models.export import ServingConfig, export
     from triton_models.server import TritonServer
@@ -135,7 +135,7 @@ def served_shelf(added: Path, data: Path, work: Path, k: int = 10) -> dict:
             expected += [[ids[i] for i in row] for row in scores.topk(k, dim=1).indices.tolist()]
     repo = work / "repos" / added.name
     export(added, repo, ServingConfig(k=k), data_dir=data, check_sessions=20, log=lambda m: None)
-    hits, ndcg, equal = 0, 0.0, 0
+    ranks, equal = [], 0  # the target's 0-based rank in each served answer (k: not in it)
     with TritonServer(repo, log_file=work / f"tritonserver-{added.name}.log") as server:
         client = RecommenderClient(server.http_url)
         for (history, earlier, target), want in zip(rows[["history", "earlier_cold_ids", "target_id"]].itertuples(index=False),
@@ -143,12 +143,9 @@ def served_shelf(added: Path, data: Path, work: Path, k: int = 10) -> dict:
             answer = [item for item, _ in client.recommend([[ids[i] for i in history]], k=k, exclude=list(earlier) or None,
                                                            filter={"new_arrival": True})[0]]
             equal += answer == want
-            if target in answer:
-                hits += 1
-                ndcg += 1.0 / np.log2(answer.index(target) + 2)
-    n = len(rows)
-    return {"users": n, f"HR@{k}": hits / n, f"NDCG@{k}": ndcg / n, "equal_to_in_process": equal,
-            "filter": {"new_arrival": True}, "repository": str(repo)}
+            ranks.append(answer.index(target) if target in answer else k)
+    return {"users": len(rows), **hr_ndcg(torch.tensor(ranks, dtype=torch.float32), ks=(k,)),
+            "equal_to_in_process": equal, "filter": {"new_arrival": True}, "repository": str(repo)}
 
 
 def goal(agg: dict) -> dict:
